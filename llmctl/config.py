@@ -1,0 +1,718 @@
+"""One experiment = one YAML file. This module knows YAML and the schema; nothing else does.
+
+Each YAML section maps to one dataclass below, and each field carries its default and a docstring. `load_config`
+reads a file, applies `--set section.key=value` overrides, checks every value against its field's type and the
+section's own rules, and raises one `ConfigError` listing every problem found, each with its dotted path.
+Unknown keys get a did-you-mean suggestion.
+"""
+
+from __future__ import annotations
+
+import ast
+import dataclasses
+import difflib
+import hashlib
+import inspect
+import json
+import math
+import textwrap
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Union
+
+import yaml
+
+from llmctl.errors import ConfigError
+
+# ---------------------------------------------------------------------------------------------------------------
+# Sections
+
+
+@dataclass
+class RunConfig:
+    out_dir: str = "runs/default"
+    """Run directory: `train` writes the model, checkpoints and metrics here; `generate` and `eval` load the model
+    from here when no other model is named."""
+    seed: int = 1337
+    """Seed for every random choice (initialisation, batch order, sampling): same seed, same result."""
+    device: str = "auto"
+    """`auto` (cuda, then mps, then cpu), `cpu`, `cuda`, `cuda:N` or `mps`."""
+    threads: int = 0
+    """CPU threads torch may use; 0 keeps torch's own choice (one per physical core)."""
+    trust_remote_code: bool = False
+    """Allow a hub model to run Python code it ships. Off by default: such code runs with your permissions."""
+
+    def check(self) -> list[str]:
+        problems = []
+        if not (self.device in ("auto", "cpu", "cuda", "mps") or self.device.startswith("cuda:")):
+            problems.append(f"device: must be auto, cpu, cuda, cuda:N or mps, not {self.device!r}")
+        if self.threads < 0:
+            problems.append("threads: must be 0 (torch's default) or a positive count")
+        return problems
+
+
+@dataclass
+class DataConfig:
+    inputs: list[str] = field(default_factory=list)
+    """Raw text to prepare: files, directories (searched with `glob`), `-` for stdin, or `stdlib:pydoc-topics`
+    (the documentation topics every Python carries: about 460 KB of English, always offline)."""
+    dir: str = "data/prepared"
+    """Prepared data directory: `preprocess` writes train.bin, val.bin, meta.json and the tokenizer here and
+    `train` reads them from here."""
+    glob: list[str] = field(default_factory=lambda: ["*.txt", "*.jsonl", "*.txt.gz", "*.jsonl.gz"])
+    """File name patterns taken from directories named in `inputs` (searched recursively)."""
+    format: Literal["auto", "txt", "jsonl"] = "auto"
+    """Input format; `auto` goes by the file extension (`.jsonl`, `.jsonl.gz` are JSONL; all else is text)."""
+    text_field: str = "text"
+    """The field holding the text in JSONL inputs."""
+    label_field: str = "label"
+    """The field holding the label in labeled JSONL inputs (classification)."""
+    documents: Literal["file", "paragraph", "line"] = "paragraph"
+    """How a text input splits into documents: the whole file, blank-line-separated paragraphs, or single lines.
+    A JSONL input always has one document per line."""
+    encoding_errors: Literal["replace", "skip"] = "replace"
+    """Invalid UTF-8: `replace` the bad bytes with U+FFFD, or `skip` the whole document. Either way it is counted."""
+    val_fraction: float = 0.1
+    """Share of the tokens (or documents) held out for validation."""
+    split: Literal["tail", "documents"] = "tail"
+    """Validation split: the `tail` of the token stream (as nanoGPT does) or whole `documents` drawn by seed."""
+
+    def check(self) -> list[str]:
+        problems = []
+        if not 0.0 <= self.val_fraction < 1.0:
+            problems.append("val_fraction: must be at least 0 and below 1")
+        return problems
+
+
+@dataclass
+class CleanConfig:
+    normalize: bool = True
+    """Unicode NFKC normalisation (full-width letters, ligatures and the like become their plain forms)."""
+    cleanup: bool = True
+    """Drop control characters, turn CRLF/CR into LF, strip trailing spaces, squeeze runs of blank lines."""
+    lowercase: bool = False
+    """Lowercase everything."""
+    min_chars: int = 1
+    """Drop documents shorter than this many characters after cleanup."""
+    max_chars: int = 0
+    """Drop documents longer than this many characters; 0 keeps every length."""
+    dedup: bool = False
+    """Drop exact duplicate documents (after the stages above)."""
+    sentences: bool = False
+    """Split documents into sentences with NLTK Punkt (your punkt data if installed, else trained on the input)."""
+    words: bool = False
+    """Split into words with NLTK's word tokenizer (needs no downloaded data); words are joined by spaces."""
+    stopwords: bool = False
+    """Remove English stop words (NLTK's list if installed, scikit-learn's otherwise). Implies `words`."""
+    stem: Literal["none", "porter", "snowball"] = "none"
+    """Stem each word. Implies `words`. Stop words and stemming ruin text for language modelling: keep them off
+    except for classic NLP pipelines."""
+
+    def check(self) -> list[str]:
+        problems = []
+        if self.min_chars < 0:
+            problems.append("min_chars: must be 0 or more")
+        if self.max_chars < 0:
+            problems.append("max_chars: must be 0 (no limit) or more")
+        if self.max_chars and self.max_chars < self.min_chars:
+            problems.append("max_chars: must not be below min_chars")
+        return problems
+
+
+@dataclass
+class TokenizerConfig:
+    pretrained: str | None = None
+    """Reuse the tokenizer of this model (local directory or hub id) instead of training one."""
+    vocab_size: int = 8192
+    """Size of the byte-level BPE vocabulary to train, special tokens included; 256 means plain bytes (the
+    character-level baseline, no training)."""
+    min_frequency: int = 2
+    """A pair must occur at least this often to become a merge."""
+    sample_bytes: int = 100_000_000
+    """Train the tokenizer on at most this many bytes of cleaned text; the whole corpus is still encoded."""
+    eos_token: str = "<|endoftext|>"
+    """End-of-text token placed between documents."""
+
+    def check(self) -> list[str]:
+        problems = []
+        if self.vocab_size < 256:
+            problems.append("vocab_size: must be at least 256 (one id per byte)")
+        if self.min_frequency < 1:
+            problems.append("min_frequency: must be at least 1")
+        if self.sample_bytes <= 0:
+            problems.append("sample_bytes: must be positive")
+        return problems
+
+
+@dataclass
+class ModelConfig:
+    pretrained: str | None = None
+    """Fine-tune this causal LM (local directory or hub id); unset trains a GPT-2 from scratch with the shape below."""
+    n_layer: int = 4
+    """Transformer blocks."""
+    n_head: int = 4
+    """Attention heads per block; must divide n_embd."""
+    n_embd: int = 128
+    """Width of the residual stream."""
+    n_positions: int = 256
+    """Longest sequence the model can see (its position table)."""
+    dropout: float = 0.0
+    """Dropout on embeddings, attention and MLP; 0 for small data and short runs, where it only slows learning."""
+    activation: str = "gelu_pytorch_tanh"
+    """MLP activation. The default is GPT-2's tanh GELU as one fused kernel: same function, faster than `gelu_new`."""
+    attn_implementation: str = "sdpa"
+    """Attention kernel: `sdpa` (torch's fused scaled_dot_product_attention) or `eager`."""
+
+    def check(self) -> list[str]:
+        problems = []
+        for name in ("n_layer", "n_head", "n_embd", "n_positions"):
+            if getattr(self, name) <= 0:
+                problems.append(f"{name}: must be positive")
+        if self.n_head > 0 and self.n_embd % self.n_head:
+            problems.append(f"n_embd: {self.n_embd} is not a multiple of n_head ({self.n_head})")
+        if not 0.0 <= self.dropout < 1.0:
+            problems.append("dropout: must be at least 0 and below 1")
+        return problems
+
+
+@dataclass
+class OptimConfig:
+    name: Literal["adamw", "muon"] = "adamw"
+    """`adamw`, or `muon` (torch.optim.Muon on the 2-D hidden weights, AdamW on embeddings, norms and biases)."""
+    lr: float = 1e-3
+    """Peak learning rate (AdamW's; Muon's is `muon_lr`)."""
+    min_lr: float = 1e-4
+    """Learning rate at the end of the cosine schedule."""
+    weight_decay: float = 0.1
+    """Decoupled weight decay, applied to matrices and embeddings only (tensors of 2 or more dimensions)."""
+    beta1: float = 0.9
+    """AdamW's first-moment decay."""
+    beta2: float = 0.99
+    """AdamW's second-moment decay; 0.99 rather than 0.999 because small-batch runs are noisy."""
+    eps: float = 1e-8
+    """AdamW's epsilon."""
+    muon_lr: float = 0.02
+    """Muon's learning rate for the hidden matrices (only with name: muon)."""
+    schedule: Literal["constant", "linear", "cosine"] = "cosine"
+    """After warmup: stay `constant`, decay `linear`ly to 0 (as get_linear_schedule_with_warmup), or follow a
+    `cosine` down to min_lr."""
+    warmup_steps: int = 100
+    """Steps of linear warmup from 0 to the peak learning rate."""
+    grad_clip: float = 1.0
+    """Clip the global gradient norm to this; 0 turns clipping off."""
+
+    def check(self) -> list[str]:
+        problems = []
+        if self.lr <= 0:
+            problems.append("lr: must be positive")
+        if self.min_lr < 0 or self.min_lr > self.lr:
+            problems.append("min_lr: must be between 0 and lr")
+        if self.weight_decay < 0:
+            problems.append("weight_decay: must be 0 or more")
+        for name in ("beta1", "beta2"):
+            if not 0.0 <= getattr(self, name) < 1.0:
+                problems.append(f"{name}: must be at least 0 and below 1")
+        if self.warmup_steps < 0:
+            problems.append("warmup_steps: must be 0 or more")
+        if self.grad_clip < 0:
+            problems.append("grad_clip: must be 0 (off) or more")
+        return problems
+
+
+@dataclass
+class TrainConfig:
+    task: Literal["causal_lm", "classification"] = "causal_lm"
+    """`causal_lm` trains next-token prediction on the prepared shards; `classification` fine-tunes a
+    sequence-classification head on labeled data (`data.inputs`: JSONL or TSV with text and label)."""
+    max_steps: int = 2000
+    """Optimizer steps to run; 0 means no step limit (then max_tokens or max_time must be set)."""
+    max_tokens: int = 0
+    """Stop after this many training tokens; 0 means no limit."""
+    max_time: float = 0.0
+    """Stop after this many seconds of training; 0 means no limit."""
+    batch_size: int = 12
+    """Sequences per micro-batch (per process)."""
+    grad_accum: int = 1
+    """Micro-batches per optimizer step."""
+    context: int | None = None
+    """Tokens per training sequence; unset uses the model's n_positions."""
+    eval_interval: int = 250
+    """Measure validation loss (and save a checkpoint) every this many steps; 0 only at the end."""
+    eval_batches: int = 20
+    """Batches per validation measurement; 0 means the whole validation split."""
+    log_interval: int = 10
+    """Write a metrics line every this many steps."""
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
+    """Compute precision; `auto` is bf16 on GPUs that support it and fp32 elsewhere (bf16 is slow on most CPUs)."""
+    compile: bool = False
+    """Compile the model with torch.compile; off because on small models its start-up time outweighs its gain."""
+    keep_checkpoints: int = 2
+    """How many of the latest checkpoints to keep (the best one is kept as well)."""
+    resume: Literal[False, True, "auto"] = False
+    """Continue from the last checkpoint: `true` requires one, `auto` resumes when there is one (for cron)."""
+
+    def check(self) -> list[str]:
+        problems = []
+        for name in ("max_steps", "max_tokens", "eval_interval", "eval_batches", "log_interval", "keep_checkpoints"):
+            if getattr(self, name) < 0:
+                problems.append(f"{name}: must be 0 or more")
+        if self.max_time < 0:
+            problems.append("max_time: must be 0 or more")
+        if not (self.max_steps or self.max_tokens or self.max_time):
+            problems.append("max_steps: one of max_steps, max_tokens or max_time must be set")
+        for name in ("batch_size", "grad_accum"):
+            if getattr(self, name) <= 0:
+                problems.append(f"{name}: must be positive")
+        if self.context is not None and self.context <= 0:
+            problems.append("context: must be positive")
+        return problems
+
+
+@dataclass
+class GenerateConfig:
+    model: str | None = None
+    """Model to sample from (run directory, model directory or hub id); unset uses run.out_dir."""
+    prompts: list[str] = field(default_factory=list)
+    """Prompts to complete; when empty, prompts are read from stdin."""
+    input_format: Literal["lines", "text", "jsonl"] = "lines"
+    """Stdin holds one prompt per line, one prompt in all (`text`), or JSONL objects with a `prompt` field."""
+    output_format: Literal["text", "jsonl"] = "text"
+    """Plain completions, or one JSON object per completion."""
+    echo: bool = False
+    """Print the prompt before its completion."""
+    max_new_tokens: int = 128
+    """Tokens to generate per completion at most."""
+    do_sample: bool = True
+    """Sample; false decodes greedily (as does temperature 0)."""
+    temperature: float = 0.8
+    """Softmax temperature; below 1 is more conservative, 0 is greedy."""
+    top_k: int = 50
+    """Sample from the k most likely tokens only; 0 turns it off."""
+    top_p: float = 1.0
+    """Sample from the smallest set of tokens whose probability reaches p; 1 turns it off."""
+    repetition_penalty: float = 1.0
+    """Penalise tokens already present (CTRL-style); 1 turns it off."""
+    stop: list[str] = field(default_factory=list)
+    """Cut a completion at the first occurrence of any of these strings."""
+    num_return_sequences: int = 1
+    """Completions per prompt."""
+    batch_size: int = 8
+    """Prompts decoded together."""
+    seed: int | None = None
+    """Sampling seed; unset uses run.seed. Each prompt's randomness derives from it and the prompt's position or id."""
+    on_error: Literal["fail", "skip"] = "fail"
+    """A malformed input line stops the run (`fail`) or is skipped and counted (`skip`)."""
+
+    def check(self) -> list[str]:
+        problems = []
+        if self.max_new_tokens <= 0:
+            problems.append("max_new_tokens: must be positive")
+        if self.temperature < 0:
+            problems.append("temperature: must be 0 or more")
+        if self.top_k < 0:
+            problems.append("top_k: must be 0 (off) or more")
+        if not 0.0 < self.top_p <= 1.0:
+            problems.append("top_p: must be above 0 and at most 1")
+        if self.repetition_penalty <= 0:
+            problems.append("repetition_penalty: must be positive")
+        for name in ("num_return_sequences", "batch_size"):
+            if getattr(self, name) <= 0:
+                problems.append(f"{name}: must be positive")
+        return problems
+
+
+@dataclass
+class EvalConfig:
+    model: str | None = None
+    """Model to evaluate (run directory, model directory or hub id); unset uses run.out_dir."""
+    task: Literal["auto", "lm", "classification"] = "auto"
+    """`lm` (loss, perplexity, bits per byte), `classification`, or `auto`: classification for a model with a
+    classification head or when labels are given, lm otherwise."""
+    input: str | None = None
+    """Held-out text (file or `-`) or labeled file (JSONL/TSV); unset uses the validation shard in data.dir."""
+    context: int | None = None
+    """Window length in tokens; unset uses the model's maximum."""
+    stride: int | None = None
+    """Tokens the window advances by; each token is scored once, with up to context - stride tokens of history.
+    Unset uses half the context."""
+    batch_size: int = 8
+    """Windows or examples per forward pass."""
+    labels: list[str] = field(default_factory=list)
+    """Class labels, in order; unset takes them from the model or the data."""
+    verbalizers: dict[str, str] = field(default_factory=dict)
+    """Zero-shot scoring: the text each label stands for (label -> text); unset uses the label itself."""
+    prompt_template: str = "{text}\nSentiment:"
+    """Zero-shot scoring: the prompt each verbalizer follows; `{text}` is the example's text."""
+    predictions: str | None = None
+    """Score predictions made elsewhere: a file of predicted labels (one per line, or JSONL)."""
+    references: str | None = None
+    """The gold labels matching `predictions`."""
+    id_field: str | None = None
+    """Match prediction and reference JSONL lines by this field instead of by position."""
+    predictions_out: str | None = None
+    """Write one JSONL line per example here: id, gold, predicted and per-label scores."""
+    output: str | None = None
+    """Also write the JSON result to this file."""
+    fail_under: dict[str, float] = field(default_factory=dict)
+    """Gates: fail when a metric is below its value (for example accuracy: 0.8)."""
+    fail_over: dict[str, float] = field(default_factory=dict)
+    """Gates: fail when a metric is above its value (for example perplexity: 40)."""
+
+    def check(self) -> list[str]:
+        problems = []
+        if self.batch_size <= 0:
+            problems.append("batch_size: must be positive")
+        if self.context is not None and self.context <= 0:
+            problems.append("context: must be positive")
+        if self.stride is not None and self.stride <= 0:
+            problems.append("stride: must be positive")
+        if (self.predictions is None) != (self.references is None):
+            problems.append("predictions: predictions and references go together")
+        return problems
+
+
+@dataclass
+class Config:
+    """A whole experiment: one field per YAML section."""
+
+    run: RunConfig = field(default_factory=RunConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    clean: CleanConfig = field(default_factory=CleanConfig)
+    tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    generate: GenerateConfig = field(default_factory=GenerateConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False, allow_unicode=True)
+
+    def save(self, path: str | Path) -> None:
+        """Write the resolved config (every default filled in) next to what it produced."""
+        from llmctl.core.files import atomic_write_text
+
+        atomic_write_text(Path(path), self.to_yaml())
+
+    def section_hash(self, *names: str) -> str:
+        """SHA-256 of the named sections, to tell whether a checkpoint or a prepared directory came from them."""
+        subset = {name: dataclasses.asdict(getattr(self, name)) for name in names}
+        return hashlib.sha256(json.dumps(subset, sort_keys=True).encode()).hexdigest()
+
+
+SECTIONS: dict[str, type] = typing.get_type_hints(Config)
+"""Section name -> section class, in YAML order."""
+
+# ---------------------------------------------------------------------------------------------------------------
+# Loading
+
+
+def load_config(
+    path: str | Path | None = None,
+    overrides: list[str] | tuple[str, ...] = (),
+    values: dict[str, Any] | None = None,
+) -> Config:
+    """Read `path` (or start from the defaults), apply `section.key=value` overrides, then `values` (already
+    typed, from dedicated command-line flags, keyed by dotted path), and check everything.
+
+    Raises ConfigError with every problem at once.
+    """
+    source = str(path) if path is not None else None
+    raw: dict[str, Any] = {}
+    if path is not None:
+        raw = _read_yaml(Path(path))
+    problems: list[str] = []
+    for override in overrides:
+        problems += _apply_override(raw, override)
+    for key, value in (values or {}).items():
+        section_name, _, name = key.partition(".")
+        target = raw.setdefault(section_name, {})
+        if isinstance(target, dict):
+            target[name] = value
+    config, found = _build(raw)
+    problems += found
+    if problems:
+        raise ConfigError(problems, source)
+    return config
+
+
+def config_from_dict(raw: dict[str, Any]) -> Config:
+    """Build and check a Config from a plain dict shaped like the YAML (handy in tests and library use)."""
+    config, problems = _build(raw)
+    if problems:
+        raise ConfigError(problems)
+    return config
+
+
+def field_docs(section: type) -> dict[str, str]:
+    """The docstring written under each field of a section class, keyed by field name."""
+    tree = ast.parse(textwrap.dedent(inspect.getsource(section)))
+    body = tree.body[0].body  # type: ignore[attr-defined]
+    docs = {}
+    for node, after in zip(body, body[1:]):
+        if (
+            isinstance(node, ast.AnnAssign)
+            and isinstance(node.target, ast.Name)
+            and isinstance(after, ast.Expr)
+            and isinstance(after.value, ast.Constant)
+            and isinstance(after.value.value, str)
+        ):
+            docs[node.target.id] = " ".join(after.value.value.split())
+    return docs
+
+
+def _read_yaml(path: Path) -> dict[str, Any]:
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ConfigError(f"config file {path} does not exist") from None
+    except IsADirectoryError:
+        raise ConfigError(f"config file {path} is a directory") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"cannot read config file {path}: {exc}") from None
+    try:
+        raw = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" line {mark.line + 1}" if mark is not None else ""
+        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        raise ConfigError(f"{path}{where}: invalid YAML: {problem}") from None
+    if raw is None:
+        return {}
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping of sections (run:, data:, train:, ...)")
+    return raw
+
+
+def _apply_override(raw: dict[str, Any], override: str) -> list[str]:
+    """Apply one `section.key=value` to the raw dict. The value is read as YAML, or as the plain string when the
+    field holds strings, so `--set run.out_dir=007` stays the string '007'."""
+    key, sep, text = override.partition("=")
+    key = key.strip()
+    parts = key.split(".")
+    if not sep or len(parts) < 2 or not all(parts):
+        return [f"--set {override}: expected section.key=value"]
+    section_name, name, rest = parts[0], parts[1], parts[2:]
+    section = SECTIONS.get(section_name)
+    hint = None
+    if section is not None:
+        hints = typing.get_type_hints(section)
+        hint = hints.get(name)
+        if hint is not None and rest:
+            origin = typing.get_origin(_strip_optional(hint))
+            if origin is not dict or len(rest) != 1:
+                return [f"{key}: {section_name}.{name} has no sub-keys"]
+            hint = typing.get_args(_strip_optional(hint))[1]
+    value = _parse_override_value(text, hint)
+    target = raw.setdefault(section_name, {})
+    if not isinstance(target, dict):
+        return [f"{section_name}: must be a mapping of keys to values"]
+    if rest:
+        sub = target.get(name)
+        if not isinstance(sub, dict):
+            sub = target[name] = {}
+        sub[rest[0]] = value
+    else:
+        target[name] = value
+    return []
+
+
+def _parse_override_value(text: str, hint: Any) -> Any:
+    if hint is not None and _accepts_plain_string(hint):
+        if text.strip() in ("null", "~") and _is_optional(hint):
+            return None
+        return text
+    try:
+        return yaml.safe_load(text) if text.strip() else text
+    except yaml.YAMLError:
+        return text
+
+
+def _build(raw: dict[str, Any]) -> tuple[Config, list[str]]:
+    problems: list[str] = []
+    sections: dict[str, Any] = {}
+    for name, values in raw.items():
+        if name not in SECTIONS:
+            problems.append(_unknown(str(name), list(SECTIONS), prefix=""))
+            continue
+        if values is None:
+            values = {}
+        if not isinstance(values, dict):
+            problems.append(f"{name}: must be a mapping of keys to values, not {_describe(values)}")
+            continue
+        section, found = _build_section(name, SECTIONS[name], values)
+        problems += found
+        if section is not None:
+            sections[name] = section
+    config = Config(**sections)
+    return config, problems
+
+
+def _build_section(name: str, cls: type, values: dict[str, Any]) -> tuple[Any, list[str]]:
+    problems = []
+    hints = typing.get_type_hints(cls)
+    kwargs = {}
+    for key, value in values.items():
+        if key not in hints:
+            problems.append(_unknown(str(key), list(hints), prefix=f"{name}."))
+            continue
+        converted, error = _convert(value, hints[key])
+        if error:
+            problems.append(f"{name}.{key}: {error}")
+        else:
+            kwargs[key] = converted
+    section = cls(**kwargs)
+    if not problems:
+        problems += [f"{name}.{problem}" for problem in section.check()]
+    return section, problems
+
+
+def _unknown(key: str, known: list[str], prefix: str) -> str:
+    what = "unknown key" if prefix else "unknown section"
+    close = difflib.get_close_matches(key, known, n=1, cutoff=0.6)
+    if close:
+        return f"{prefix}{key}: {what}; did you mean {prefix}{close[0]}?"
+    return f"{prefix}{key}: {what}; expected one of: {', '.join(known)}"
+
+
+def _describe(value: Any) -> str:
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return f"a boolean ({str(value).lower()})"
+    if isinstance(value, (int, float)):
+        return f"a number ({value})"
+    if isinstance(value, str):
+        return f"a string ({value!r})"
+    if isinstance(value, list):
+        return "a list"
+    if isinstance(value, dict):
+        return "a mapping"
+    return type(value).__name__
+
+
+def _is_optional(hint: Any) -> bool:
+    return _is_union(hint) and type(None) in typing.get_args(hint)
+
+
+def _is_union(hint: Any) -> bool:
+    return typing.get_origin(hint) in (Union, types.UnionType)
+
+
+def _strip_optional(hint: Any) -> Any:
+    if _is_union(hint):
+        args = [a for a in typing.get_args(hint) if a is not type(None)]
+        if len(args) == 1:
+            return args[0]
+    return hint
+
+
+def _accepts_plain_string(hint: Any) -> bool:
+    hint = _strip_optional(hint)
+    return hint is str
+
+
+def _convert(value: Any, hint: Any) -> tuple[Any, str | None]:
+    """Check `value` against the type `hint`, converting where it is safe (int -> float, '1e-3' -> 0.001).
+    Returns (converted, None) or (None, error message)."""
+    if _is_union(hint):
+        args = typing.get_args(hint)
+        if value is None and type(None) in args:
+            return None, None
+        errors = []
+        for arg in args:
+            if arg is type(None):
+                continue
+            converted, error = _convert(value, arg)
+            if error is None:
+                return converted, None
+            errors.append(error)
+        return None, errors[0] if len(errors) == 1 else f"expected {_type_name(hint)}, got {_describe(value)}"
+    origin = typing.get_origin(hint)
+    if origin is Literal:
+        choices = typing.get_args(hint)
+        for choice in choices:
+            if value == choice and type(value) is type(choice):
+                return value, None
+        shown = ", ".join(_yaml_scalar(c) for c in choices)
+        close = difflib.get_close_matches(str(value), [str(c) for c in choices], n=1, cutoff=0.6)
+        suggestion = f"; did you mean {close[0]}?" if close and isinstance(value, str) else ""
+        return None, f"must be one of {shown}, not {_yaml_scalar(value)}{suggestion}"
+    if origin is list:
+        (item_hint,) = typing.get_args(hint)
+        items = value if isinstance(value, list) else [value]
+        if value is None:
+            return None, f"expected a list, got {_describe(value)}"
+        out = []
+        for i, item in enumerate(items):
+            converted, error = _convert(item, item_hint)
+            if error:
+                return None, f"item {i}: {error}"
+            out.append(converted)
+        return out, None
+    if origin is dict:
+        key_hint, value_hint = typing.get_args(hint)
+        if not isinstance(value, dict):
+            return None, f"expected a mapping, got {_describe(value)}"
+        out = {}
+        for k, v in value.items():
+            converted, error = _convert(v, value_hint)
+            if error:
+                return None, f"{k}: {error}"
+            out[str(k)] = converted
+        return out, None
+    if hint is bool:
+        if isinstance(value, bool):
+            return value, None
+        return None, f"expected true or false, got {_describe(value)}"
+    if hint is int:
+        if isinstance(value, bool):
+            return None, f"expected an integer, got {_describe(value)}"
+        if isinstance(value, int):
+            return value, None
+        number = _as_number(value)
+        if number is not None and math.isfinite(number) and number == int(number):
+            return int(number), None
+        return None, f"expected an integer, got {_describe(value)}"
+    if hint is float:
+        if isinstance(value, bool):
+            return None, f"expected a number, got {_describe(value)}"
+        number = _as_number(value)
+        if number is not None:
+            return float(number), None
+        return None, f"expected a number, got {_describe(value)}"
+    if hint is str:
+        if isinstance(value, str):
+            return value, None
+        return None, f"expected a string, got {_describe(value)}"
+    raise TypeError(f"config field type {hint!r} is not supported")  # a bug in a section class, not user input
+
+
+def _as_number(value: Any) -> float | None:
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return value
+    if isinstance(value, str):
+        try:
+            return float(value.replace("_", ""))
+        except ValueError:
+            return None
+    return None
+
+
+def _yaml_scalar(value: Any) -> str:
+    if isinstance(value, bool):
+        return str(value).lower()
+    return str(value)
+
+
+def _type_name(hint: Any) -> str:
+    if _is_union(hint):
+        return " or ".join(_type_name(a) for a in typing.get_args(hint))
+    if hint is type(None):
+        return "null"
+    return getattr(hint, "__name__", str(hint))

@@ -1,0 +1,109 @@
+"""Building a GPT-2 from a config, and loading any causal LM (or classifier) from a directory or hub id.
+
+Importing this module silences transformers' own progress bars and info logs: llmctl owns stderr.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import torch
+
+from llmctl.core.hub import locate
+from llmctl.errors import ModelError
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+    from llmctl.config import ModelConfig
+
+log = logging.getLogger(__name__)
+
+
+def quiet_transformers() -> None:
+    """Turn off transformers' and huggingface_hub's progress bars and info/warning chatter on stderr."""
+    import transformers
+    from huggingface_hub.utils import disable_progress_bars
+
+    transformers.utils.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
+    disable_progress_bars()
+
+
+quiet_transformers()
+
+
+def build_model(cfg: ModelConfig, vocab_size: int, eos_token_id: int, pad_token_id: int | None = None) -> PreTrainedModel:
+    """A freshly initialised GPT-2 (`GPT2LMHeadModel`) of the shape in `cfg`, sized for the tokenizer."""
+    from transformers import AutoModelForCausalLM, GPT2Config
+
+    config = GPT2Config(
+        vocab_size=vocab_size,
+        n_positions=cfg.n_positions,
+        n_embd=cfg.n_embd,
+        n_layer=cfg.n_layer,
+        n_head=cfg.n_head,
+        resid_pdrop=cfg.dropout,
+        embd_pdrop=cfg.dropout,
+        attn_pdrop=cfg.dropout,
+        activation_function=cfg.activation,
+        # GPT2Config defaults these to 50256, which is out of range for our vocabularies.
+        bos_token_id=eos_token_id,
+        eos_token_id=eos_token_id,
+        pad_token_id=pad_token_id,
+    )
+    try:
+        return AutoModelForCausalLM.from_config(config, attn_implementation=cfg.attn_implementation)
+    except (ValueError, ImportError) as exc:
+        raise ModelError(f"cannot build the model: {exc}") from None
+
+
+def load_model(
+    name: str | Path,
+    *,
+    task: str = "causal_lm",
+    dtype: torch.dtype | None = None,
+    trust_remote_code: bool = False,
+    **kwargs,
+) -> PreTrainedModel:
+    """Load a causal LM (`task="causal_lm"`) or sequence classifier (`task="classification"`) by directory or id."""
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+
+    source = locate(str(name), "model")
+    cls = AutoModelForSequenceClassification if task == "classification" else AutoModelForCausalLM
+    try:
+        return cls.from_pretrained(
+            source.ref,
+            local_files_only=source.local_files_only,
+            trust_remote_code=trust_remote_code,
+            dtype=dtype,
+            **kwargs,
+        )
+    except ValueError as exc:
+        message = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        if "trust_remote_code" in str(exc):
+            message = "it ships its own code; set run.trust_remote_code: true if you trust it"
+        raise ModelError(f"cannot load model {name}: {message}") from None
+    except (OSError, RuntimeError, KeyError) as exc:
+        first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise ModelError(f"cannot load model {name}: {first}") from None
+
+
+def load_tokenizer(name: str | Path, *, trust_remote_code: bool = False) -> PreTrainedTokenizerBase:
+    """Load the tokenizer saved in a run/model/data directory, or a hub model's tokenizer."""
+    from transformers import AutoTokenizer
+
+    source = locate(str(name), "tokenizer")
+    try:
+        return AutoTokenizer.from_pretrained(
+            source.ref, local_files_only=source.local_files_only, trust_remote_code=trust_remote_code
+        )
+    except (OSError, ValueError, KeyError) as exc:
+        first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise ModelError(f"cannot load the tokenizer of {name}: {first}") from None
+
+
+def count_parameters(model: torch.nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())

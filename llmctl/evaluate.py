@@ -1,0 +1,1 @@
+"""`llmctl eval`. (First version: see issue 5.)"""

@@ -1,0 +1,1 @@
+"""`llmctl generate`. (First version: see issue 4.)"""

@@ -1,0 +1,1 @@
+"""`llmctl preprocess`: clean text, train or reuse a tokenizer, write token shards. (First version: see issue 3.)"""

@@ -1,0 +1,1 @@
+"""`llmctl train`. (First version: see issue 6.)"""
