@@ -120,3 +120,44 @@ def run_llmctl(*args: str, input: str | bytes | None = None, cwd: Path | None = 
 def llmctl():
     """`llmctl(*args, input=..., cwd=...)` runs the real CLI in a subprocess."""
     return run_llmctl
+
+
+def write_prepared(path: Path, text: str, tokenizer_dir: Path, val_fraction: float = 0.1) -> Path:
+    """A prepared-data directory in the format `preprocess` writes (byte ids, tail split), made without preprocess,
+    so that train and eval tests do not depend on it."""
+    import dataclasses
+    import json
+    import shutil
+
+    import numpy as np
+
+    from llmctl.core.files import sha256_file
+    from llmctl.core.shards import ShardMeta
+
+    path.mkdir(parents=True, exist_ok=True)
+    for f in tokenizer_dir.iterdir():
+        shutil.copy(f, path / f.name)
+    ids = np.frombuffer(text.encode("utf-8"), dtype=np.uint8).astype(np.uint16)
+    n_val = int(len(ids) * val_fraction)
+    splits = {"train": ids[: len(ids) - n_val], "val": ids[len(ids) - n_val :]}
+    for name, arr in splits.items():
+        arr.tofile(path / f"{name}.bin")
+    meta = ShardMeta(
+        dtype="uint16",
+        vocab_size=257,
+        eos_token_id=256,
+        tokens={k: int(len(v)) for k, v in splits.items()},
+        documents={"train": 1, "val": 1},
+        bytes={k: int(len(v)) for k, v in splits.items()},
+        inputs=[],
+        tokenizer_sha256=sha256_file(path / "tokenizer.json"),
+        config_sha256="test",
+    )
+    (path / "meta.json").write_text(json.dumps(dataclasses.asdict(meta), indent=2))
+    return path
+
+
+@pytest.fixture()
+def prepared_dir(tmp_path: Path, corpus_text: str, tokenizer_dir: Path) -> Path:
+    """Prepared shards of the test corpus (byte vocabulary, last 10% as validation)."""
+    return write_prepared(tmp_path / "prepared", corpus_text, tokenizer_dir)
