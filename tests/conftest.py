@@ -98,8 +98,8 @@ class CliResult:
 def run_llmctl(*args: str, input: str | bytes | None = None, cwd: Path | None = None, env: dict | None = None,
                timeout: float = 600) -> CliResult:
     """Run the real entry point (`python -m llmctl`) in a subprocess and capture both streams."""
-    full_env = {**os.environ, "HF_HUB_OFFLINE": "1", **(env or {})}
-    full_env.pop("LLMCTL_DEBUG", None) if env is None or "LLMCTL_DEBUG" not in env else None
+    full_env = {k: v for k, v in os.environ.items() if k != "LLMCTL_DEBUG"}
+    full_env.update({"HF_HUB_OFFLINE": "1", **(env or {})})
     binary = isinstance(input, bytes)
     proc = subprocess.run(
         [sys.executable, "-m", "llmctl", *args],
