@@ -11,6 +11,14 @@ from collections.abc import Iterator
 from pathlib import Path
 
 
+def default_mode(directory: bool = False) -> int:
+    """The mode a plain `open()`/`mkdir()` would give under the current umask. Temporary files and directories
+    are created private (0600/0700); what is renamed into place should look like any other file the user writes."""
+    umask = os.umask(0)
+    os.umask(umask)
+    return (0o777 if directory else 0o666) & ~umask
+
+
 def atomic_write_bytes(path: Path, data: bytes) -> None:
     """Write `data` to a temporary file beside `path`, flush it to disk, then rename it over `path`."""
     path = Path(path)
@@ -21,6 +29,7 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
+        os.chmod(tmp, default_mode())
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
@@ -46,6 +55,7 @@ def atomic_dir(final: Path) -> Iterator[Path]:
     tmp = Path(tempfile.mkdtemp(dir=final.parent, prefix=f".{final.name}.", suffix=".tmp"))
     try:
         yield tmp
+        os.chmod(tmp, default_mode(directory=True))
         fsync_dir(tmp)
         old = None
         if final.exists():

@@ -49,6 +49,12 @@ class ShardMeta:
     stats: dict[str, Any] = field(default_factory=dict)
     """Counters of the cleaning stages (documents dropped, duplicates, invalid UTF-8 ...)."""
     format: int = FORMAT_VERSION
+    tokenizer: str = "bytes"
+    """`bytes`, `bpe` (trained here) or the pretrained model whose tokenizer was reused."""
+    split: str = "tail"
+    """How validation was held out: `tail` or `documents`."""
+    val_fraction: float = 0.1
+    """The share held out for validation."""
 
 
 def read_meta(data_dir: str | Path) -> ShardMeta:
@@ -56,7 +62,9 @@ def read_meta(data_dir: str | Path) -> ShardMeta:
     try:
         raw = json.loads(path.read_text())
     except FileNotFoundError:
-        raise DataError(f"{data_dir} holds no prepared data ({META} is missing); run `llmctl preprocess` first") from None
+        raise DataError(
+            f"{data_dir} holds no prepared data ({META} is missing); run `llmctl preprocess` first"
+        ) from None
     except (OSError, ValueError) as exc:
         raise DataError(f"{path}: unreadable: {exc}") from None
     try:

@@ -1,0 +1,393 @@
+"""Finding the inputs and reading them as byte chunks cut at document boundaries.
+
+An input spec is a file, a directory (searched recursively with `data.glob`), a shell pattern, `-` for stdin, or
+`stdlib:pydoc-topics`. Reading never decodes: it cuts the raw bytes into chunks of about `chunk_bytes`, each ending
+at a document boundary, so that workers can clean and encode chunks independently and in any order. A document
+larger than a chunk (a huge file with `documents: file`, a line without end) is cut into pieces at line boundaries;
+the chunk flags `cont` and `open` tell the writer that its first/last document continues across chunks.
+"""
+
+from __future__ import annotations
+
+import glob as globlib
+import gzip
+import hashlib
+import json
+import os
+import re
+import select
+import sys
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import IO
+
+from llmctl.core.files import sha256_file
+from llmctl.core.inputs import GZIP_MAGIC, STDIN, open_binary
+from llmctl.errors import DataError
+
+PYDOC_TOPICS = "stdlib:pydoc-topics"
+BUILTINS = (PYDOC_TOPICS,)
+
+# A paragraph break: a line end, then one or more blank (whitespace-only) lines. Bytes, before decoding: CRLF and
+# lone CR count as line ends too.
+_PARAGRAPH_BREAK = re.compile(rb"(?:\r?\n|\r)(?:[ \t]*(?:\r?\n|\r))+")
+_NEWLINE = re.compile(rb"\r?\n|\r")
+
+
+@dataclass
+class Source:
+    """One input to read: a file, stdin, or a built-in corpus."""
+
+    name: str
+    """What messages and meta.json call it: the path as given or found, `<stdin>`, or the built-in's spec."""
+    kind: str
+    """`file`, `stdin` or `builtin`."""
+    format: str
+    """`txt` or `jsonl`."""
+    path: Path | None = None
+    size: int | None = None
+    """Bytes on disk (compressed size for gzip files); None for stdin."""
+    sha256: str | None = None
+    """Of the bytes on disk (for stdin: of the bytes read, known once read)."""
+    spool: Path | None = None
+    """Stdin saved to a file, so that it can be read twice (tokenizer sample, then encoding)."""
+
+    def record(self) -> dict:
+        """The entry meta.json keeps for this input."""
+        return {"path": self.name, "size": self.size, "sha256": self.sha256}
+
+
+def expand_inputs(specs: list[str], globs: list[str], fmt: str) -> list[Source]:
+    """Turn `data.inputs` into the list of sources to read, in order. No spec means stdin."""
+    sources: list[Source] = []
+    for spec in specs or [STDIN]:
+        if spec == STDIN:
+            if any(s.kind == "stdin" for s in sources):
+                raise DataError("data.inputs: `-` (stdin) is given more than once")
+            sources.append(Source("<stdin>", "stdin", "jsonl" if fmt == "jsonl" else "txt"))
+        elif spec.startswith("stdlib:"):
+            if spec not in BUILTINS:
+                raise DataError(f"data.inputs: unknown built-in corpus {spec!r}; known: {', '.join(BUILTINS)}")
+            sources.append(_builtin(spec))
+        else:
+            sources += _expand_path(spec, globs, fmt)
+    for source in sources:
+        if source.kind == "file":
+            source.size = source.path.stat().st_size
+    return sources
+
+
+def _expand_path(spec: str, globs: list[str], fmt: str) -> list[Source]:
+    path = Path(spec).expanduser()
+    if path.is_dir():
+        found = sorted({p for pattern in globs for p in path.rglob(pattern) if p.is_file() and not _hidden(p, path)})
+        if not found:
+            raise DataError(f"{spec}: no files matching {', '.join(globs)} (data.glob) in this directory")
+        return [Source(str(p), "file", _format_of(p, fmt), p) for p in found]
+    if path.is_file():
+        return [Source(spec, "file", _format_of(path, fmt), path)]
+    if path.exists():
+        raise DataError(f"{spec}: not a regular file or directory")
+    if any(ch in spec for ch in "*?["):
+        matches = sorted(Path(p) for p in globlib.glob(os.path.expanduser(spec), recursive=True))
+        files = [p for p in matches if p.is_file()]
+        if not files:
+            raise DataError(f"{spec}: no file matches this pattern")
+        return [Source(str(p), "file", _format_of(p, fmt), p) for p in files]
+    raise DataError(f"{spec}: no such file or directory")
+
+
+def _hidden(path: Path, root: Path) -> bool:
+    return any(part.startswith(".") for part in path.relative_to(root).parts)
+
+
+def _format_of(path: Path, fmt: str) -> str:
+    if fmt != "auto":
+        return fmt
+    name = path.name.lower()
+    return "jsonl" if name.endswith((".jsonl", ".jsonl.gz", ".ndjson", ".ndjson.gz")) else "txt"
+
+
+def _builtin(spec: str) -> Source:
+    data = _pydoc_topics_jsonl()
+    return Source(spec, "builtin", "jsonl", size=len(data), sha256=hashlib.sha256(data).hexdigest())
+
+
+def _pydoc_topics_jsonl() -> bytes:
+    """The documentation topics every CPython carries (`help('topics')`), one JSON document per topic."""
+    try:
+        from pydoc_data.topics import topics
+    except ImportError:
+        raise DataError(
+            f"{PYDOC_TOPICS}: this Python has no pydoc_data (some distributions strip it); "
+            "pass your own text in data.inputs instead"
+        ) from None
+    lines = (json.dumps({"text": topics[name]}, ensure_ascii=False) for name in sorted(topics))
+    return ("\n".join(lines) + "\n").encode("utf-8")
+
+
+def hash_sources(sources: list[Source]) -> None:
+    """Fill in the SHA-256 of every file input (stdin's is known only once it has been read)."""
+    for source in sources:
+        if source.kind == "file" and source.sha256 is None:
+            try:
+                source.sha256 = sha256_file(source.path)
+            except OSError as exc:
+                raise DataError(f"{source.name}: cannot read: {exc.strerror or exc}") from None
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Reading in chunks
+
+
+@dataclass
+class Chunk:
+    """Raw bytes of whole documents from one source (or a piece of one document too big for a chunk)."""
+
+    source: int
+    """Index of the source in the list given to `read_chunks`."""
+    data: bytes
+    mode: str
+    """How the bytes split into documents: `file`, `paragraph`, `line` or `jsonl`."""
+    line: int = 1
+    """Line number (from 1) of the chunk's first line in its source, for error messages."""
+    cont: bool = False
+    """The first document continues the last document of the previous chunk."""
+    open: bool = False
+    """The last document continues in the next chunk."""
+    nbytes: int = 0
+    """Bytes of input this chunk accounts for (progress): len(data), or the length to read at `offset`."""
+    path: str | None = None
+    """For a plain file: where the worker reads the chunk itself (`data` is then empty), which spares the main
+    process from sending every byte of the corpus through a pipe."""
+    offset: int = 0
+
+    def load(self) -> bytes:
+        """The chunk's bytes, wherever they are."""
+        if self.path is None:
+            return self.data
+        with open(self.path, "rb") as f:
+            return os.pread(f.fileno(), self.nbytes, self.offset)
+
+
+@dataclass
+class ReadStats:
+    bytes: int = 0
+    """Input bytes read (after gzip decompression)."""
+    sources: int = 0
+    per_source: list[int] = field(default_factory=list)
+
+
+def read_chunks(
+    sources: list[Source],
+    documents: str,
+    chunk_bytes: int,
+    *,
+    streaming: bool = False,
+    stats: ReadStats | None = None,
+    only: Callable[[int], bool] | None = None,
+) -> Iterator[Chunk]:
+    """Every source's bytes as chunks cut at document boundaries, in order.
+
+    `streaming` hands out whatever complete documents have arrived whenever stdin has nothing more to read at the
+    moment (so a filter answers line by line), instead of waiting for a full chunk. `only(i)` selects chunks by
+    their running index (the tokenizer sample reads every k-th chunk); skipped chunks are still read and counted.
+    """
+    stats = stats if stats is not None else ReadStats()
+    index = 0
+    for number, source in enumerate(sources):
+        mode = "jsonl" if source.format == "jsonl" else documents
+        stats.sources += 1
+        read = 0
+        for chunk in _source_chunks(source, number, mode, chunk_bytes, streaming):
+            read += chunk.nbytes
+            stats.bytes += chunk.nbytes
+            if only is None or only(index):
+                yield chunk
+            index += 1
+        stats.per_source.append(read)
+
+
+def _source_chunks(source: Source, number: int, mode: str, chunk_bytes: int, streaming: bool) -> Iterator[Chunk]:
+    if source.kind == "builtin":
+        yield from _cut(iter([_pydoc_topics_jsonl()]), source, number, mode, chunk_bytes, lambda: False)
+        return
+    if source.kind == "stdin" and source.spool is None:
+        counter = _CountingHasher()
+        blocks = _read_blocks(_stdin(), chunk_bytes, counter)
+        ready = stdin_has_data if streaming else (lambda: True)
+        yield from _cut(blocks, source, number, mode, chunk_bytes, lambda: not ready())
+        source.sha256, source.size = counter.hasher.hexdigest(), counter.nbytes
+        return
+    path = source.spool or source.path
+    with open_binary(path) as f:
+        first = _safe_read(f, min(chunk_bytes, 1 << 16), source)
+        if b"\x00" in first[:8192]:
+            raise DataError(f"{source.name}: looks like a binary file (it holds NUL bytes), not text")
+        # Hash a plain file while reading it rather than in a pass of its own (a gzip file is hashed compressed,
+        # by hash_sources).
+        hasher = hashlib.sha256() if source.sha256 is None and not isinstance(f, gzip.GzipFile) else None
+
+        def blocks() -> Iterator[bytes]:
+            block = first
+            while block:
+                if hasher is not None:
+                    hasher.update(block)
+                yield block
+                block = _safe_read(f, chunk_bytes, source)
+
+        plain = None if isinstance(f, gzip.GzipFile) else str(path)
+        yield from _cut(blocks(), source, number, mode, chunk_bytes, lambda: False, plain)
+        if hasher is not None:
+            source.sha256 = hasher.hexdigest()
+
+
+def _stdin() -> IO[bytes]:
+    stream = sys.stdin.buffer
+    head = stream.peek(2)[:2] if hasattr(stream, "peek") else b""
+    return gzip.GzipFile(fileobj=stream) if head == GZIP_MAGIC else stream
+
+
+def stdin_has_data() -> bool:
+    """Whether stdin can be read right now without waiting (a pipe with data in it, or at its end)."""
+    try:
+        ready, _, _ = select.select([sys.stdin], [], [], 0)
+    except (OSError, ValueError):
+        return True
+    return bool(ready)
+
+
+class _CountingHasher:
+    def __init__(self):
+        self.hasher, self.nbytes = hashlib.sha256(), 0
+
+    def update(self, data: bytes) -> None:
+        self.hasher.update(data)
+        self.nbytes += len(data)
+
+
+def _read_blocks(stream: IO[bytes], chunk_bytes: int, counter: _CountingHasher) -> Iterator[bytes]:
+    """Stdin as it arrives: read1 returns what the pipe holds instead of waiting for a full chunk."""
+    read1 = getattr(stream, "read1", stream.read)
+    first = True
+    while True:
+        try:
+            block = read1(chunk_bytes)
+        except (OSError, EOFError, gzip.BadGzipFile) as exc:
+            raise DataError(f"<stdin>: cannot read: {exc}") from None
+        if not block:
+            break
+        if first and b"\x00" in block[:8192]:
+            raise DataError("<stdin>: looks like binary data (it holds NUL bytes), not text")
+        first = False
+        counter.update(block)
+        yield block
+
+
+def spool_stdin(source: Source, directory: Path) -> None:
+    """Save stdin to a file in `directory`, so that it can be read twice (tokenizer sample, then encoding)."""
+    counter = _CountingHasher()
+    path = directory / "stdin.spool"
+    with open(path, "wb") as out:
+        for block in _read_blocks(_stdin(), 1 << 20, counter):
+            out.write(block)
+    source.spool, source.sha256, source.size = path, counter.hasher.hexdigest(), counter.nbytes
+
+
+def _safe_read(f: IO[bytes], n: int, source: Source) -> bytes:
+    try:
+        return f.read(n)
+    except (OSError, EOFError, gzip.BadGzipFile) as exc:
+        raise DataError(f"{source.name}: cannot read: {exc}") from None
+
+
+def _cut(
+    blocks: Iterator[bytes], source: Source, number: int, mode: str, chunk_bytes: int, idle: Callable[[], bool],
+    path: str | None = None,
+) -> Iterator[Chunk]:
+    """Regroup raw blocks into chunks that end at document boundaries.
+
+    `idle()` says that no more input is at hand right now: then the complete documents buffered so far go out at
+    once, however few (filter mode on a pipe).
+    """
+    buf = b""
+    line = 1
+    cont = False
+    offset = 0  # of buf in the source
+
+    def chunk(data: bytes, is_open: bool) -> Chunk:
+        if path is not None and mode != "jsonl":
+            return Chunk(number, b"", mode, line, cont, is_open, len(data), path, offset)
+        return Chunk(number, data, mode, line, cont, is_open, len(data))
+
+    for block in blocks:
+        buf = buf + block if buf else block
+        while len(buf) >= chunk_bytes or (buf and idle()):
+            cut = _last_boundary(buf, mode)
+            is_open = False
+            if cut <= 0:
+                if len(buf) < chunk_bytes or mode == "jsonl":
+                    break  # wait for the end of this document (a JSON line must be parsed whole)
+                cut, is_open = _piece_cut(buf, chunk_bytes), True
+            data, buf = buf[:cut], buf[cut:]
+            yield chunk(data, is_open)
+            offset += len(data)
+            if mode == "jsonl":  # line numbers are only for JSON error messages
+                line += data.count(b"\n")
+            cont = is_open
+            if len(buf) < chunk_bytes:
+                break
+    if buf or cont:
+        yield chunk(buf, False)
+
+
+def _last_boundary(buf: bytes, mode: str) -> int:
+    """Offset just after the last complete document in `buf`, or 0 when it holds none. A CR at the very end is not
+    trusted (the LF of a CRLF may follow in the next block); more blank lines after a paragraph break at the end
+    are harmless (the next chunk strips them)."""
+    end = len(buf)
+    if mode == "file":
+        return 0
+    if mode in ("line", "jsonl"):
+        p = buf.rfind(b"\n")
+        if p < 0:
+            p = buf.rfind(b"\r", 0, end - 1)
+        return p + 1
+    window = 1 << 16
+    while True:
+        start = max(0, end - window)
+        last = None
+        for match in _PARAGRAPH_BREAK.finditer(buf, start):
+            if not (match.end() == end and buf.endswith(b"\r")):
+                last = match
+        if last is not None and (last.start() > start or start == 0):
+            return last.end()
+        if start == 0:
+            return 0
+        window *= 4
+
+
+def _piece_cut(buf: bytes, chunk_bytes: int) -> int:
+    """Where to cut a document too big for one chunk: after a line end inside a run of non-blank lines (so that no
+    cleaning rule sees a different text on either side), else at a UTF-8 character boundary."""
+    limit = min(len(buf), chunk_bytes)
+    low = limit // 2
+    p = limit
+    while True:
+        p = buf.rfind(b"\n", low, p)
+        if p < 0:
+            break
+        before, after = buf[p - 1 : p], buf[p + 1 : p + 2]
+        if p > 0 and before not in (b"\n", b"\r") and after and after not in (b"\n", b"\r"):
+            return p + 1
+    p = limit
+    while p > 1 and (buf[p] & 0xC0) == 0x80:  # inside a multi-byte character
+        p -= 1
+    if buf[p - 1 : p] == b"\r" and buf[p : p + 1] == b"\n":
+        p -= 1
+    return p
+
+
+def split_lines(data: bytes) -> list[bytes]:
+    return _NEWLINE.split(data)
