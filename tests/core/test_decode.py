@@ -1,0 +1,253 @@
+"""The decoding engine on a tiny real GPT-2 (and a tiny Llama for the generic path): agreement with
+`model.generate`, batch invariance, sampling settings, stop strings, end of text."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from llmctl.core.decode import (
+    Decoder,
+    Finished,
+    GPT2Forward,
+    HFForward,
+    Request,
+    SamplingParams,
+    TextDelta,
+    _TextTail,
+)
+from llmctl.core.model import load_model, load_tokenizer
+
+PROMPTS = ["The cat", "A", "My neighbour watched the red door", "xy", "é!", "Every child built", "The river", "zz"]
+GREEDY = SamplingParams(max_new_tokens=20, temperature=0.0)
+SAMPLED = SamplingParams(max_new_tokens=20, temperature=1.2, top_k=40, top_p=0.9, repetition_penalty=1.2)
+
+
+@pytest.fixture(scope="module")
+def tiny(tiny_model_dir):
+    tokenizer = load_tokenizer(tiny_model_dir)
+    model = load_model(tiny_model_dir).eval()
+    return model, tokenizer
+
+
+def ids_of(tokenizer, prompts=PROMPTS):
+    return [tokenizer(p)["input_ids"] for p in prompts]
+
+
+def decode(decoder, prompts, params, batch_size=None, seeds=None):
+    """Token ids, texts and finish reasons per prompt, decoding `batch_size` prompts at a time."""
+    batch_size = batch_size or len(prompts)
+    seeds = seeds or list(range(len(prompts)))
+    results = {}
+    for start in range(0, len(prompts), batch_size):
+        chunk = range(start, min(start + batch_size, len(prompts)))
+        requests = [Request(prompts[i], params if isinstance(params, SamplingParams) else params[i], seeds[i])
+                    for i in chunk]
+        for event in decoder.generate(requests):
+            if isinstance(event, Finished):
+                results[start + event.index] = event.result
+    return [results[i] for i in range(len(prompts))]
+
+
+def hf_greedy(model, ids, n, **kwargs):
+    out = model.generate(torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long),
+                         max_new_tokens=n, do_sample=False, pad_token_id=0, **kwargs)
+    return out[0, len(ids):].tolist()
+
+
+def test_lean_path_is_chosen_for_gpt2(tiny):
+    model, tokenizer = tiny
+    assert isinstance(Decoder(model, tokenizer).forward, GPT2Forward)
+
+
+def test_greedy_matches_model_generate_token_for_token(tiny):
+    model, tokenizer = tiny
+    model.generation_config.eos_token_id = None
+    prompts = ids_of(tokenizer)
+    ours = decode(Decoder(model, tokenizer, ignore_eos=True), prompts, GREEDY)  # one left-padded batch
+    for prompt, result in zip(prompts, ours):
+        assert result.token_ids == hf_greedy(model, prompt, 20)
+
+
+def test_greedy_with_repetition_penalty_matches_model_generate(tiny):
+    model, tokenizer = tiny
+    model.generation_config.eos_token_id = None
+    params = SamplingParams(max_new_tokens=20, temperature=0.0, repetition_penalty=1.8)
+    prompts = ids_of(tokenizer)[:3]
+    ours = decode(Decoder(model, tokenizer, ignore_eos=True), prompts, params, batch_size=1)
+    for prompt, result in zip(prompts, ours):
+        assert result.token_ids == hf_greedy(model, prompt, 20, repetition_penalty=1.8)
+
+
+@pytest.mark.parametrize("params", [GREEDY, SAMPLED], ids=["greedy", "sampled"])
+def test_output_does_not_depend_on_batching(tiny, params):
+    model, tokenizer = tiny
+    decoder = Decoder(model, tokenizer, ignore_eos=True)
+    prompts = ids_of(tokenizer)
+    runs = [[r.token_ids for r in decode(decoder, prompts, params, batch_size=b)] for b in (1, 3, 8)]
+    assert runs[0] == runs[1] == runs[2]
+    assert len({tuple(r) for r in runs[0]}) > 1  # different prompts and seeds, different outputs
+
+
+def test_logits_are_bitwise_batch_invariant(tiny):
+    """Stronger than equal tokens: a row's logits are the same bits alone or in any batch (CPU)."""
+    from llmctl.core.decode import _left_pad
+
+    model, tokenizer = tiny
+    forward = Decoder(model, tokenizer).forward
+    prompts = sorted(ids_of(tokenizer) * 3, key=len, reverse=True)  # 24 rows: matrix products go in pieces
+    feed = torch.randint(0, 256, (len(prompts), 6))
+
+    def logits(rows):
+        ids, mask = _left_pad([prompts[r] for r in rows], 0, "cpu")
+        out = [forward.prefill(ids, mask, 6)]
+        out += [forward.step(feed[rows, s]) for s in range(5)]
+        return torch.stack(out, 1)
+
+    with torch.inference_mode():
+        alone = [logits([r])[0] for r in range(len(prompts))]
+        for rows in (list(range(24)), list(range(0, 24, 3)), list(range(5, 22))):
+            together = logits(rows)
+            assert all(torch.equal(together[j], alone[r]) for j, r in enumerate(rows))
+
+
+def test_seed_decides_the_sample(tiny):
+    model, tokenizer = tiny
+    decoder = Decoder(model, tokenizer, ignore_eos=True)
+    prompt = ids_of(tokenizer)[:1] * 3
+    a, b, c = decode(decoder, prompt, SAMPLED, seeds=[5, 5, 6])
+    assert a.token_ids == b.token_ids != c.token_ids
+
+
+def test_narrow_sampling_is_greedy(tiny):
+    model, tokenizer = tiny
+    decoder = Decoder(model, tokenizer, ignore_eos=True)
+    prompts = ids_of(tokenizer)[:4]
+    greedy = [r.token_ids for r in decode(decoder, prompts, GREEDY)]
+    top1 = SamplingParams(max_new_tokens=20, temperature=1.5, top_k=1)
+    nucleus = SamplingParams(max_new_tokens=20, temperature=1.0, top_p=1e-6)
+    assert [r.token_ids for r in decode(decoder, prompts, top1)] == greedy
+    assert [r.token_ids for r in decode(decoder, prompts, nucleus)] == greedy
+
+
+def test_rows_keep_their_own_settings_in_a_batch(tiny):
+    model, tokenizer = tiny
+    decoder = Decoder(model, tokenizer, ignore_eos=True)
+    prompts = ids_of(tokenizer)[:4]
+    mixed = [GREEDY, SAMPLED, SamplingParams(max_new_tokens=5, temperature=0.7, top_k=3), GREEDY]
+    together = decode(decoder, prompts, mixed)
+    alone = [decode(decoder, [p], [params], seeds=[i])[0] for i, (p, params) in enumerate(zip(prompts, mixed))]
+    assert [r.token_ids for r in together] == [r.token_ids for r in alone]
+    assert [len(r.token_ids) for r in together] == [20, 20, 5, 20]
+    assert all(r.finish_reason == "length" for r in together)
+
+
+def test_end_of_text_ends_a_sequence(tiny):
+    model, tokenizer = tiny
+    decoder = Decoder(model, tokenizer, ignore_eos=True)
+    prompt = ids_of(tokenizer)[:1]
+    (free,) = decode(decoder, prompt, GREEDY)
+    eos = free.token_ids[3]
+    decoder.eos_ids = {eos}  # pretend the model's 4th token is its end of text
+    (ended,) = decode(decoder, prompt, GREEDY)
+    stop_at = free.token_ids.index(eos)
+    assert ended.finish_reason == "eos"
+    assert ended.token_ids == free.token_ids[: stop_at + 1]
+    assert free.text.startswith(ended.text)
+
+
+def test_events_stream_text_that_adds_up_to_the_result(tiny):
+    model, tokenizer = tiny
+    decoder = Decoder(model, tokenizer, ignore_eos=True)
+    prompts = [tokenizer("Hello")["input_ids"], tokenizer("The cat sat")["input_ids"]]
+    params = SamplingParams(max_new_tokens=30, temperature=1.0, stop=("zzzz",))
+    pieces: dict[int, list[str]] = {0: [], 1: []}
+    results = {}
+    for event in decoder.generate([Request(p, params, 3) for p in prompts]):
+        if isinstance(event, TextDelta):
+            assert event.index not in results  # no text after a sequence's end
+            pieces[event.index].append(event.text)
+        else:
+            results[event.index] = event.result
+    for i in (0, 1):
+        assert len(pieces[i]) > 1
+        assert "".join(pieces[i]) == results[i].text
+
+
+def test_generic_path_matches_model_generate_and_the_lean_path(tiny):
+    model, tokenizer = tiny
+    model.generation_config.eos_token_id = None
+    decoder = Decoder(model, tokenizer, ignore_eos=True)
+    lean = decode(decoder, ids_of(tokenizer), GREEDY)
+    decoder.forward = HFForward(model)
+    generic = decode(decoder, ids_of(tokenizer), GREEDY, batch_size=3)
+    for prompt, result, lean_result in zip(ids_of(tokenizer), generic, lean):
+        assert result.token_ids == lean_result.token_ids == hf_greedy(model, prompt, 20)
+
+
+def test_generic_path_runs_a_llama(tokenizer_dir, tmp_path):
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    tokenizer = load_tokenizer(tokenizer_dir)
+    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+                         bos_token_id=tokenizer.eos_token_id, eos_token_id=tokenizer.eos_token_id)
+    torch.manual_seed(0)
+    AutoModelForCausalLM.from_config(config).save_pretrained(tmp_path)
+    model = load_model(tmp_path).eval()
+    model.generation_config.eos_token_id = None
+    decoder = Decoder(model, tokenizer, ignore_eos=True)
+    assert decoder.path == "generic"
+    prompts = ids_of(tokenizer)
+    for batch_size in (1, 8):
+        ours = decode(decoder, prompts, SamplingParams(max_new_tokens=12, temperature=0.0), batch_size=batch_size)
+        assert [r.token_ids for r in ours] == [hf_greedy(model, p, 12) for p in prompts]
+    mixed = [GREEDY, SamplingParams(max_new_tokens=4, temperature=0.9)] * 4
+    lengths = [len(r.token_ids) for r in decode(decoder, prompts, mixed)]  # rows leave the cache early
+    assert lengths == [20, 4] * 4
+
+
+class _Chars:
+    """A stand-in tokenizer whose tokens are single characters, to test the text logic alone."""
+
+    backend_tokenizer = None
+
+    def decode(self, ids, skip_special_tokens=True):
+        return "".join(chr(i) for i in ids)
+
+
+def feed(text: str, stop=()):
+    tail = _TextTail(_Chars(), [ord(">")], stop)
+    released = []
+    for ch in text:
+        released.append(tail.push(ord(ch)))
+        if tail.stopped:
+            break
+    if not tail.stopped:
+        released.append(tail.finish())
+    return tail, "".join(released)
+
+
+def test_stop_string_cuts_at_its_first_occurrence():
+    tail, released = feed("one. two. three.", stop=[". "])
+    assert tail.stopped and tail.text == released == "one"
+
+
+def test_earliest_of_several_stop_strings_wins():
+    tail, released = feed("abcXYdefSTOP", stop=["STOP", "XY"])
+    assert tail.text == released == "abc"
+
+
+def test_text_that_could_start_a_stop_string_is_held_back():
+    tail = _TextTail(_Chars(), [], ["END"])
+    out = [tail.push(ord(c)) for c in "abE"]
+    assert "".join(out) == "a"  # "bE" is held: the last len("END") - 1 characters could still start "END"
+    out.append(tail.push(ord("x")))
+    assert "".join(out) == "ab"
+    out.append(tail.finish())
+    assert "".join(out) == tail.text == "abEx"
+
+
+def test_no_stop_string_releases_everything():
+    tail, released = feed("plain text")
+    assert not tail.stopped and released == tail.text == "plain text"
