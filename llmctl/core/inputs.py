@@ -103,7 +103,9 @@ class Example:
     line: int
 
 
-def read_labeled(path: str | Path, text_field: str = "text", label_field: str = "label", id_field: str = "id") -> list[Example]:
+def read_labeled(
+    path: str | Path, text_field: str = "text", label_field: str = "label", id_field: str = "id"
+) -> list[Example]:
     """Labeled examples from JSONL (`{"text": ..., "label": ...}`) or TSV (`text<TAB>label`, an optional header
     line `text<TAB>label` is skipped). The format goes by the first non-blank character: `{` means JSONL."""
     name = display_name(path)
@@ -124,8 +126,12 @@ def read_labeled(path: str | Path, text_field: str = "text", label_field: str = 
                     raise DataError(f"{name}:{number}: no {key!r} field")
             if not isinstance(obj[text_field], str):
                 raise DataError(f"{name}:{number}: {text_field!r} must be a string")
+            label = obj[label_field]
+            # A null or boolean label is almost always a data bug; str() would quietly make it the class "None".
+            if isinstance(label, bool) or not isinstance(label, (str, int)):
+                raise DataError(f"{name}:{number}: {label_field!r} must be a string or an integer, not {label!r}")
             ident = str(obj.get(id_field, len(examples)))
-            examples.append(Example(ident, obj[text_field], str(obj[label_field]), number))
+            examples.append(Example(ident, obj[text_field], str(label), number))
     else:
         for number, line in lines:
             text, tab, label = line.rpartition("\t")
