@@ -7,6 +7,7 @@ Heavy imports (torch, transformers) happen inside the commands, so `llmctl --hel
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -62,7 +63,9 @@ def _root(
     pass
 
 
-def _load(config: Path | None, sets: list[str] | None, values: dict[str, Any], print_config: bool, quiet: bool, verbose: bool):
+def _load(
+    config: Path | None, sets: list[str] | None, values: dict[str, Any], print_config: bool, quiet: bool, verbose: bool
+):
     """Resolve the config (file, then --set, then dedicated flags); with --print-config print it and stop."""
     from llmctl.config import load_config
     from llmctl.core.console import setup_logging
@@ -75,9 +78,22 @@ def _load(config: Path | None, sets: list[str] | None, values: dict[str, Any], p
     return cfg
 
 
+@contextlib.contextmanager
+def _stdout_guard():
+    """A reader that goes away (`| head -1`) is not an error for a filter: exit 0 quietly. Handled here because
+    Typer turns a broken pipe into exit 1 before main() could see it; stdout then points at /dev/null so the
+    interpreter's final flush stays quiet."""
+    try:
+        yield
+    except BrokenPipeError:
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        raise typer.Exit(EXIT_OK) from None
+
+
 def _write(text: str) -> None:
-    sys.stdout.write(text)
-    sys.stdout.flush()
+    with _stdout_guard():
+        sys.stdout.write(text)
+        sys.stdout.flush()
 
 
 def _write_json(obj: Any) -> None:
@@ -86,11 +102,12 @@ def _write_json(obj: Any) -> None:
 
 def _write_stream(chunks: Iterable[str | dict]) -> None:
     """Write text chunks as they come (flushing each, so pipes see output before input ends); dicts as JSONL."""
-    for chunk in chunks:
-        if isinstance(chunk, dict):
-            chunk = json.dumps(chunk, ensure_ascii=False) + "\n"
-        sys.stdout.write(chunk)
-        sys.stdout.flush()
+    with _stdout_guard():
+        for chunk in chunks:
+            if isinstance(chunk, dict):
+                chunk = json.dumps(chunk, ensure_ascii=False) + "\n"
+            sys.stdout.write(chunk)
+            sys.stdout.flush()
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -131,24 +148,63 @@ def preprocess(
 def train(
     config: ConfigOpt = None,
     set_: SetOpt = None,
+    out: Annotated[str | None, typer.Option("--out", "-o", help="Run directory (run.out_dir).")] = None,
     resume: Annotated[bool, typer.Option("--resume", help="Continue from the last checkpoint (train.resume).")] = False,
     force: Annotated[
-        bool, typer.Option("--force", help="Resume even if the config or data changed since the checkpoint.")
+        bool,
+        typer.Option("--force", help="Resume although the config or data changed; overwrite a run directory."),
     ] = False,
     json_: JsonOpt = False,
     quiet: QuietOpt = False,
     verbose: VerboseOpt = False,
     print_config: PrintConfigOpt = False,
 ) -> None:
-    """Train a model from scratch or fine-tune one; print the saved model's path."""
-    cfg = _load(config, set_, {"train.resume": True if resume else None}, print_config, quiet, verbose)
+    """Train a model from scratch or fine-tune one; print the saved model's path (exit 75: interrupted, resumable)."""
+    values = {"train.resume": True if resume else None, "run.out_dir": out}
+    cfg = _load(config, set_, values, print_config, quiet, verbose)
     from llmctl import train as command
 
     result = command.run(cfg, force=force, quiet=quiet)
+    if os.environ.get("RANK", "0") != "0":
+        return  # under torchrun only rank 0 reports
+    _train_summary(result, quiet)
     if json_:
         _write_json(result)
     else:
         _write(f"{result['model_path']}\n")
+
+
+def _train_summary(result: dict[str, Any], quiet: bool) -> None:
+    """The end-of-training table, on stderr."""
+    if quiet:
+        return
+    from rich.table import Table
+
+    from llmctl.core.console import stderr_console
+
+    def fmt(value: Any) -> str:
+        if isinstance(value, float):
+            return f"{value:,.0f}" if abs(value) >= 100 else f"{value:.4f}"
+        return "-" if value is None else str(value)
+
+    table = Table(title="training summary", show_header=False, title_justify="left")
+    rows = [
+        ("steps", result.get("steps")),
+        ("tokens", result.get("tokens")),
+        ("final train loss", result.get("final_loss")),
+        ("final val loss", result.get("final_val_loss")),
+        ("final val accuracy", result.get("final_val_accuracy")),
+        ("best val loss", f"{fmt(result.get('best_val_loss'))} (step {fmt(result.get('best_step'))})"),
+        ("tokens/s", result.get("tokens_per_s")),
+        ("wall time", f"{result.get('wall_time_s', 0):.1f} s"),
+        ("stopped by", result.get("stopped_by")),
+        ("model", result.get("model_path")),
+    ]
+    for name, value in rows:
+        if name == "final val accuracy" and value is None:
+            continue
+        table.add_row(name, fmt(value))
+    stderr_console().print(table)
 
 
 @app.command()
@@ -157,32 +213,44 @@ def generate(
     set_: SetOpt = None,
     model: Annotated[str | None, typer.Option("--model", "-m", help="Run/model directory or hub id.")] = None,
     prompt: Annotated[
-        list[str] | None, typer.Option("--prompt", "-p", help="Prompt (repeatable); default: read stdin.")
+        list[str] | None, typer.Option("--prompt", "-p", help="Prompt (repeatable); default: read --input.")
+    ] = None,
+    input_: Annotated[
+        str | None, typer.Option("--input", "-i", help="File of prompts; - (the default) is stdin.", show_default=False)
     ] = None,
     input_format: Annotated[
-        str | None, typer.Option("--input-format", help="stdin as: lines | text | jsonl.", show_default=False)
+        str | None, typer.Option("--input-format", help="lines | text (all one prompt) | jsonl.", show_default=False)
     ] = None,
-    output_format: Annotated[str | None, typer.Option("--output-format", help="text | jsonl.")] = None,
-    echo: Annotated[bool | None, typer.Option("--echo/--no-echo", help="Print the prompt before the completion.")] = None,
+    output_format: Annotated[str | None, typer.Option("--output-format", "-f", help="text | jsonl.")] = None,
+    echo: Annotated[
+        bool | None, typer.Option("--echo/--no-echo", help="Print the prompt before the completion.")
+    ] = None,
     max_new_tokens: Annotated[int | None, typer.Option("--max-new-tokens", "-n", help="Tokens to generate.")] = None,
     temperature: Annotated[float | None, typer.Option("--temperature", "-t", help="0 is greedy.")] = None,
     top_k: Annotated[int | None, typer.Option("--top-k", help="0 turns top-k off.")] = None,
     top_p: Annotated[float | None, typer.Option("--top-p", help="1 turns nucleus sampling off.")] = None,
-    repetition_penalty: Annotated[float | None, typer.Option("--repetition-penalty")] = None,
+    repetition_penalty: Annotated[float | None, typer.Option("--repetition-penalty", help="1 turns it off.")] = None,
     greedy: Annotated[bool, typer.Option("--greedy", help="Greedy decoding (no sampling).")] = False,
     stop: Annotated[list[str] | None, typer.Option("--stop", help="Stop string (repeatable).")] = None,
-    num_return_sequences: Annotated[int | None, typer.Option("--num-return-sequences", help="Completions per prompt.")] = None,
-    batch_size: Annotated[int | None, typer.Option("--batch-size", help="Prompts decoded together.")] = None,
-    seed: Annotated[int | None, typer.Option("--seed", help="Sampling seed.")] = None,
+    ignore_eos: Annotated[
+        bool | None, typer.Option("--ignore-eos/--no-ignore-eos", help="Generate past the end-of-text token.")
+    ] = None,
+    num_return_sequences: Annotated[
+        int | None, typer.Option("--num-return-sequences", help="Completions per prompt.")
+    ] = None,
+    batch_size: Annotated[int | None, typer.Option("--batch-size", "-b", help="Prompts decoded together.")] = None,
+    seed: Annotated[int | None, typer.Option("--seed", help="Sampling seed (default: run.seed).")] = None,
+    precision: Annotated[str | None, typer.Option("--precision", help="auto | fp32 | bf16 | fp16.")] = None,
     on_error: Annotated[str | None, typer.Option("--on-error", help="Malformed input line: fail | skip.")] = None,
     quiet: QuietOpt = False,
     verbose: VerboseOpt = False,
     print_config: PrintConfigOpt = False,
 ) -> None:
-    """Complete prompts from --prompt or stdin; completions go to stdout."""
+    """Complete prompts from --prompt, a file or stdin; completions go to stdout, in input order."""
     values = {
         "generate.model": model,
         "generate.prompts": prompt or None,
+        "generate.input": input_,
         "generate.input_format": input_format,
         "generate.output_format": output_format,
         "generate.echo": echo,
@@ -193,9 +261,11 @@ def generate(
         "generate.repetition_penalty": repetition_penalty,
         "generate.do_sample": False if greedy else None,
         "generate.stop": stop or None,
+        "generate.ignore_eos": ignore_eos,
         "generate.num_return_sequences": num_return_sequences,
         "generate.batch_size": batch_size,
         "generate.seed": seed,
+        "generate.precision": precision,
         "generate.on_error": on_error,
     }
     cfg = _load(config, set_, values, print_config, quiet, verbose)
@@ -210,9 +280,24 @@ def eval_(
     set_: SetOpt = None,
     model: Annotated[str | None, typer.Option("--model", "-m", help="Run/model directory or hub id.")] = None,
     input_: Annotated[
-        str | None, typer.Option("--input", "-i", help="Held-out text or labeled file; - for stdin.")
+        str | None,
+        typer.Option("--input", "-i", help="Held-out text, labeled file or prepared data directory; - for stdin."),
     ] = None,
-    task: Annotated[str | None, typer.Option("--task", help="auto | lm | classification.")] = None,
+    task: Annotated[
+        str | None, typer.Option("--task", help="auto | lm | classification | zero-shot.", show_default=False)
+    ] = None,
+    context: Annotated[int | None, typer.Option("--context", help="Window length in tokens.")] = None,
+    stride: Annotated[int | None, typer.Option("--stride", help="Tokens the window advances by.")] = None,
+    batch_size: Annotated[
+        int | None, typer.Option("--batch-size", help="Windows or examples per forward pass.")
+    ] = None,
+    max_tokens: Annotated[int | None, typer.Option("--max-tokens", help="Score only the first N tokens.")] = None,
+    verbalizer: Annotated[
+        list[str] | None, typer.Option("--verbalizer", help="Zero-shot LABEL=TEXT (repeatable).", show_default=False)
+    ] = None,
+    template: Annotated[
+        str | None, typer.Option("--template", help="Zero-shot prompt template with {text}.", show_default=False)
+    ] = None,
     predictions: Annotated[str | None, typer.Option("--predictions", help="File of predicted labels.")] = None,
     references: Annotated[str | None, typer.Option("--references", help="File of gold labels.")] = None,
     id_field: Annotated[str | None, typer.Option("--id-field", help="Match JSONL lines by this field.")] = None,
@@ -231,18 +316,28 @@ def eval_(
     verbose: VerboseOpt = False,
     print_config: PrintConfigOpt = False,
 ) -> None:
-    """Evaluate a model (perplexity, classification metrics) or prediction files; JSON on stdout."""
+    """Evaluate a model (perplexity, classification metrics) or prediction files; JSON on stdout, exit 3 when a
+    gate fails."""
     sets = list(set_ or [])
-    for flag, key, gates in (("--fail-under", "fail_under", fail_under), ("--fail-over", "fail_over", fail_over)):
-        for gate in gates or []:
-            metric, sep, value = gate.partition("=")
-            if not sep or not metric.strip() or not value.strip():
-                raise typer.BadParameter(f"{gate!r}: expected METRIC=VALUE, for example accuracy=0.8", param_hint=flag)
-            sets.append(f"eval.{key}.{metric.strip()}={value.strip()}")
+    for flag, key, pairs in (
+        ("--fail-under", "fail_under", fail_under), ("--fail-over", "fail_over", fail_over),
+        ("--verbalizer", "verbalizers", verbalizer),
+    ):
+        for pair in pairs or []:
+            name, sep, value = pair.partition("=")
+            if not sep or not name.strip() or not value.strip():
+                raise typer.BadParameter(f"{pair!r}: expected NAME=VALUE, for example accuracy=0.8", param_hint=flag)
+            # A verbalizer keeps its spaces: " positive" and "positive" tokenize differently.
+            sets.append(f"eval.{key}.{name.strip()}={value if key == 'verbalizers' else value.strip()}")
     values = {
         "eval.model": model,
         "eval.input": input_,
-        "eval.task": task,
+        "eval.task": task.replace("-", "_") if task else None,
+        "eval.context": context,
+        "eval.stride": stride,
+        "eval.batch_size": batch_size,
+        "eval.max_tokens": max_tokens,
+        "eval.prompt_template": template,
         "eval.predictions": predictions,
         "eval.references": references,
         "eval.id_field": id_field,
@@ -253,9 +348,13 @@ def eval_(
     from llmctl import evaluate as command
 
     result = command.run(cfg, quiet=quiet)
+    if not quiet:
+        from llmctl.core.console import stderr_console
+
+        stderr_console().print(command.summary(result))
     if json_ or not sys.stdout.isatty():
         _write_json(result)
-    failed = result.get("gates", {}).get("failed", [])
+    failed = result["gates"]["failed"]
     if failed:
         logging.getLogger("llmctl").error("gate failed: %s", "; ".join(g["message"] for g in failed))
         raise typer.Exit(EXIT_GATE_FAILED)

@@ -77,12 +77,27 @@ class DataConfig:
     val_fraction: float = 0.1
     """Share of the tokens (or documents) held out for validation."""
     split: Literal["tail", "documents"] = "tail"
-    """Validation split: the `tail` of the token stream (as nanoGPT does) or whole `documents` drawn by seed."""
+    """Validation split: the `tail` of the token stream (as nanoGPT does: with one input and `documents: file`, val
+    is exactly the last val_fraction of the text) or whole `documents` drawn by run.seed."""
+    text_format: Literal["lines", "blocks", "jsonl"] = "lines"
+    """`preprocess --to-text` output: one document per line (its line breaks become spaces), documents separated by
+    a blank line (line breaks kept), or one JSON object per document with the text in `text_field`."""
+    chunk_bytes: int = 4_000_000
+    """Input is cleaned and encoded in chunks of about this many bytes, cut at document boundaries; memory use is a
+    small multiple of it per worker. A document larger than a chunk is processed in pieces."""
+    workers: int = 0
+    """Processes that clean and encode; 0 means one per CPU core."""
 
     def check(self) -> list[str]:
         problems = []
         if not 0.0 <= self.val_fraction < 1.0:
             problems.append("val_fraction: must be at least 0 and below 1")
+        if self.chunk_bytes < 4096:
+            problems.append("chunk_bytes: must be at least 4096")
+        if self.workers < 0:
+            problems.append("workers: must be 0 (one per core) or more")
+        if not self.glob:
+            problems.append("glob: needs at least one pattern")
         return problems
 
 
@@ -91,19 +106,23 @@ class CleanConfig:
     normalize: bool = True
     """Unicode NFKC normalisation (full-width letters, ligatures and the like become their plain forms)."""
     cleanup: bool = True
-    """Drop control characters, turn CRLF/CR into LF, strip trailing spaces, squeeze runs of blank lines."""
+    """Drop control characters and byte-order marks, strip trailing spaces, squeeze runs of blank lines into one.
+    (CRLF and CR always become LF when text is read.)"""
     lowercase: bool = False
     """Lowercase everything."""
     min_chars: int = 1
-    """Drop documents shorter than this many characters after cleanup."""
+    """Drop documents shorter than this many characters after cleanup (empty documents always go)."""
     max_chars: int = 0
     """Drop documents longer than this many characters; 0 keeps every length."""
     dedup: bool = False
     """Drop exact duplicate documents (after the stages above)."""
     sentences: bool = False
-    """Split documents into sentences with NLTK Punkt (your punkt data if installed, else trained on the input)."""
+    """Split documents into sentences with NLTK Punkt, one sentence per line (your punkt_tab data if installed, else
+    Punkt trained on the start of the input itself)."""
+    punkt_sample_bytes: int = 1_000_000
+    """Without punkt data: train Punkt on this many bytes from the start of the input (filter output waits for them)."""
     words: bool = False
-    """Split into words with NLTK's word tokenizer (needs no downloaded data); words are joined by spaces."""
+    """Split each line into words with NLTK's word tokenizer (needs no downloaded data), joined by single spaces."""
     stopwords: bool = False
     """Remove English stop words (NLTK's list if installed, scikit-learn's otherwise). Implies `words`."""
     stem: Literal["none", "porter", "snowball"] = "none"
@@ -118,6 +137,8 @@ class CleanConfig:
             problems.append("max_chars: must be 0 (no limit) or more")
         if self.max_chars and self.max_chars < self.min_chars:
             problems.append("max_chars: must not be below min_chars")
+        if self.punkt_sample_bytes <= 0:
+            problems.append("punkt_sample_bytes: must be positive")
         return problems
 
 
@@ -126,19 +147,25 @@ class TokenizerConfig:
     pretrained: str | None = None
     """Reuse the tokenizer of this model (local directory or hub id) instead of training one."""
     vocab_size: int = 8192
-    """Size of the byte-level BPE vocabulary to train, special tokens included; 256 means plain bytes (the
-    character-level baseline, no training)."""
+    """Size of the byte-level BPE vocabulary to train, special tokens included; 256 means plain bytes (ids are the
+    UTF-8 byte values, the end-of-text token is 256: the character-level baseline, no training)."""
     min_frequency: int = 2
     """A pair must occur at least this often to become a merge."""
-    sample_bytes: int = 100_000_000
-    """Train the tokenizer on at most this many bytes of cleaned text; the whole corpus is still encoded."""
+    sample_bytes: int = 20_000_000
+    """Train the tokenizer on about this many bytes of input, taken in chunks spread evenly over the whole corpus;
+    the whole corpus is still encoded. Bounds training time and memory on large corpora."""
     eos_token: str = "<|endoftext|>"
     """End-of-text token placed between documents."""
 
     def check(self) -> list[str]:
         problems = []
         if self.vocab_size < 256:
-            problems.append("vocab_size: must be at least 256 (one id per byte)")
+            problems.append(
+                f"vocab_size: {self.vocab_size} is too small for the 256 byte ids and the end-of-text token; use 256 "
+                "(plain bytes) or at least 257 (byte-level BPE)"
+            )
+        if not self.eos_token:
+            problems.append("eos_token: must not be empty")
         if self.min_frequency < 1:
             problems.append("min_frequency: must be at least 1")
         if self.sample_bytes <= 0:
@@ -160,10 +187,15 @@ class ModelConfig:
     """Longest sequence the model can see (its position table)."""
     dropout: float = 0.0
     """Dropout on embeddings, attention and MLP; 0 for small data and short runs, where it only slows learning."""
-    activation: str = "gelu_pytorch_tanh"
-    """MLP activation. The default is GPT-2's tanh GELU as one fused kernel: same function, faster than `gelu_new`."""
+    activation: str = "gelu"
+    """MLP activation (a transformers ACT2FN name). `gelu` (exact, erf form) because torch's CPU kernel for it runs
+    forward and backward about twice as fast as the tanh approximation; `gelu_pytorch_tanh` (= GPT-2's `gelu_new`,
+    as one fused kernel) reproduces the original GPT-2."""
     attn_implementation: str = "sdpa"
     """Attention kernel: `sdpa` (torch's fused scaled_dot_product_attention) or `eager`."""
+    lean: bool = True
+    """Train GPT-2 models with llmctl's lean forward pass (the same weights and function as transformers' GPT-2,
+    without its per-layer bookkeeping: 1.2-1.5x faster steps on small models). Off uses transformers' forward."""
 
     def check(self) -> list[str]:
         problems = []
@@ -245,23 +277,36 @@ class TrainConfig:
     log_interval: int = 10
     """Write a metrics line every this many steps."""
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
-    """Compute precision; `auto` is bf16 on GPUs that support it and fp32 elsewhere (bf16 is slow on most CPUs)."""
+    """Compute precision (autocast; fp16 adds loss scaling). `auto` is bf16 on GPUs that support it and on CPUs with
+    AMX for models 256 or more wide (2x faster there, same loss), fp32 elsewhere (bf16 crawls on CPUs without AMX)."""
     compile: bool = False
     """Compile the model with torch.compile; off because on small models its start-up time outweighs its gain."""
     keep_checkpoints: int = 2
     """How many of the latest checkpoints to keep (the best one is kept as well)."""
     resume: Literal[False, True, "auto"] = False
     """Continue from the last checkpoint: `true` requires one, `auto` resumes when there is one (for cron)."""
+    epochs: float = 0.0
+    """Stop after this many passes over the training data (tokens for causal_lm, examples for classification);
+    0 means no limit. With several limits set, the first one reached stops the run."""
+    checkpoint_interval: int | None = None
+    """Save a checkpoint every this many steps; unset follows eval_interval; 0 saves only at the end. Checkpoints
+    are what `--resume` continues from."""
+    fsdp: bool = False
+    """Under torchrun, shard parameters, gradients and optimizer state over the processes (FSDP2, one unit per
+    transformer block) instead of replicating them (DDP): for models that do not fit one device."""
 
     def check(self) -> list[str]:
         problems = []
         for name in ("max_steps", "max_tokens", "eval_interval", "eval_batches", "log_interval", "keep_checkpoints"):
             if getattr(self, name) < 0:
                 problems.append(f"{name}: must be 0 or more")
-        if self.max_time < 0:
-            problems.append("max_time: must be 0 or more")
-        if not (self.max_steps or self.max_tokens or self.max_time):
-            problems.append("max_steps: one of max_steps, max_tokens or max_time must be set")
+        for name in ("max_time", "epochs"):
+            if getattr(self, name) < 0:
+                problems.append(f"{name}: must be 0 or more")
+        if self.checkpoint_interval is not None and self.checkpoint_interval < 0:
+            problems.append("checkpoint_interval: must be 0 or more")
+        if not (self.max_steps or self.max_tokens or self.max_time or self.epochs):
+            problems.append("max_steps: one of max_steps, max_tokens, max_time or epochs must be set")
         for name in ("batch_size", "grad_accum"):
             if getattr(self, name) <= 0:
                 problems.append(f"{name}: must be positive")
@@ -275,13 +320,18 @@ class GenerateConfig:
     model: str | None = None
     """Model to sample from (run directory, model directory or hub id); unset uses run.out_dir."""
     prompts: list[str] = field(default_factory=list)
-    """Prompts to complete; when empty, prompts are read from stdin."""
+    """Prompts to complete; when empty, prompts are read from `input`."""
+    input: str = "-"
+    """Where prompts come from when `prompts` is empty: a file, or `-` for stdin."""
     input_format: Literal["lines", "text", "jsonl"] = "lines"
-    """Stdin holds one prompt per line, one prompt in all (`text`), or JSONL objects with a `prompt` field."""
+    """The input holds one prompt per line (empty lines are skipped), one prompt in all (`text`), or JSONL
+    objects with a `prompt` field and optional per-line `id`, `max_new_tokens`, `temperature`, `top_k`, `top_p`,
+    `repetition_penalty`, `stop` and `seed`."""
     output_format: Literal["text", "jsonl"] = "text"
-    """Plain completions, or one JSON object per completion."""
+    """Plain completions, one after another, each ended by a newline; or one JSON object per completion (id,
+    index, prompt, completion, prompt_tokens, tokens, finish_reason, seed, time_s)."""
     echo: bool = False
-    """Print the prompt before its completion."""
+    """Text output: print the prompt before its completion."""
     max_new_tokens: int = 128
     """Tokens to generate per completion at most."""
     do_sample: bool = True
@@ -293,15 +343,24 @@ class GenerateConfig:
     top_p: float = 1.0
     """Sample from the smallest set of tokens whose probability reaches p; 1 turns it off."""
     repetition_penalty: float = 1.0
-    """Penalise tokens already present (CTRL-style); 1 turns it off."""
+    """Penalise tokens already present in the prompt or completion (CTRL-style, as transformers does); 1 is off."""
     stop: list[str] = field(default_factory=list)
-    """Cut a completion at the first occurrence of any of these strings."""
+    """Cut a completion at the first occurrence of any of these strings (finish_reason `stop`)."""
+    ignore_eos: bool = False
+    """Keep generating past the end-of-text token (fixed-length samples, benchmarks)."""
     num_return_sequences: int = 1
     """Completions per prompt."""
     batch_size: int = 8
     """Prompts decoded together."""
     seed: int | None = None
-    """Sampling seed; unset uses run.seed. Each prompt's randomness derives from it and the prompt's position or id."""
+    """Sampling seed; unset uses run.seed. Each prompt's randomness derives from it and the prompt's position
+    (or its JSONL `id`), so outputs do not depend on batching."""
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
+    """Weights and compute dtype; `auto` is bf16 on GPUs that support it and fp32 elsewhere."""
+    batch_invariant: bool = True
+    """GPT-2 on CPU: each prompt's output is the same, bit for bit, however prompts are batched (a lone prompt is
+    decoded as two rows, as BLAS adds up a single row in another order). False takes the single-row path, about 20%
+    faster at batch 1, but a sampled token can then differ now and then between batch sizes."""
     on_error: Literal["fail", "skip"] = "fail"
     """A malformed input line stops the run (`fail`) or is skipped and counted (`skip`)."""
 
@@ -320,6 +379,10 @@ class GenerateConfig:
         for name in ("num_return_sequences", "batch_size"):
             if getattr(self, name) <= 0:
                 problems.append(f"{name}: must be positive")
+        if self.seed is not None and self.seed < 0:
+            problems.append("seed: must be 0 or more")
+        if any(not s for s in self.stop):
+            problems.append("stop: stop strings must not be empty")
         return problems
 
 
@@ -327,49 +390,93 @@ class GenerateConfig:
 class EvalConfig:
     model: str | None = None
     """Model to evaluate (run directory, model directory or hub id); unset uses run.out_dir."""
-    task: Literal["auto", "lm", "classification"] = "auto"
-    """`lm` (loss, perplexity, bits per byte), `classification`, or `auto`: classification for a model with a
-    classification head or when labels are given, lm otherwise."""
+    task: Literal["auto", "lm", "classification", "zero_shot"] = "auto"
+    """`lm` (loss, perplexity, bits per byte of held-out text), `classification` (a model with a classification
+    head, such as a `train.task: classification` run, on a labeled file), `zero_shot` (any causal LM classifies a
+    labeled file by the likelihood of each label's verbalizer), or `auto`: classification for a model with a
+    classification head, lm for a causal LM. Prediction files (`predictions`) are always classification."""
     input: str | None = None
-    """Held-out text (file or `-`) or labeled file (JSONL/TSV); unset uses the validation shard in data.dir."""
+    """Held-out text (a file, `-` for stdin, or a prepared data directory, whose validation split is scored) or, for
+    classification, a labeled file (JSONL with data.text_field/data.label_field, or TSV text<TAB>label). Unset, lm
+    scores the validation split in data.dir."""
+    split: Literal["val", "train"] = "val"
+    """Which split of a prepared data directory to score."""
     context: int | None = None
-    """Window length in tokens; unset uses the model's maximum."""
+    """Window length in tokens; unset uses the model's maximum (at most 4096)."""
     stride: int | None = None
-    """Tokens the window advances by; each token is scored once, with up to context - stride tokens of history.
-    Unset uses half the context."""
+    """Tokens the window advances by (at most context). Each token is scored once, with at least context - stride
+    tokens of history; stride = context scores blocks that share one token (fastest). Unset uses half the context."""
     batch_size: int = 8
-    """Windows or examples per forward pass."""
+    """Windows, examples (classification) or prompt+verbalizer rows (zero-shot) per forward pass."""
+    add_bos: bool = True
+    """Put the tokenizer's beginning-of-text token (its end-of-text token when it has none, as GPT-2) before the
+    text so that its first token is scored too. Off, or with neither token, the first token has no history and is
+    not scored (nor counted)."""
+    max_tokens: int = 0
+    """Score only the first this-many tokens of the text or split (a quick check in CI); 0 scores everything."""
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
+    """Compute precision; `auto` is bf16 on GPUs that support it and fp32 elsewhere."""
     labels: list[str] = field(default_factory=list)
-    """Class labels, in order; unset takes them from the model or the data."""
+    """Zero-shot and prediction files: the labels, in order (metrics, matrix and scores follow it). Unset uses the
+    keys of `verbalizers`, else the sorted labels of the data. A classification head's labels come from the model."""
     verbalizers: dict[str, str] = field(default_factory=dict)
-    """Zero-shot scoring: the text each label stands for (label -> text); unset uses the label itself."""
+    """Zero-shot: the text that stands for each label after the prompt (label -> text); unset uses a space and the
+    label itself. When set, every gold label must have one."""
     prompt_template: str = "{text}\nSentiment:"
-    """Zero-shot scoring: the prompt each verbalizer follows; `{text}` is the example's text."""
+    """Zero-shot: the prompt each verbalizer follows; `{text}` is replaced by the example's text."""
+    length_norm: bool = False
+    """Zero-shot: compare verbalizers by their mean log-likelihood per token instead of the sum (fairer when they
+    have different token lengths)."""
     predictions: str | None = None
-    """Score predictions made elsewhere: a file of predicted labels (one per line, or JSONL)."""
+    """Score predictions made elsewhere: a file of predicted labels, one per line, or JSONL with a `predicted`,
+    `prediction` or data.label_field field."""
     references: str | None = None
-    """The gold labels matching `predictions`."""
+    """The gold labels for `predictions`: one per line, or JSONL with a `gold`, `reference` or data.label_field
+    field."""
     id_field: str | None = None
-    """Match prediction and reference JSONL lines by this field instead of by position."""
+    """Prediction files: match JSONL lines by this field instead of by position. Labeled input: the field that
+    names each example in `predictions_out` (default `id`, else the example's position)."""
     predictions_out: str | None = None
-    """Write one JSONL line per example here: id, gold, predicted and per-label scores."""
+    """Classification: write one JSONL line per example here: id, gold, predicted and per-label scores."""
     output: str | None = None
     """Also write the JSON result to this file."""
     fail_under: dict[str, float] = field(default_factory=dict)
-    """Gates: fail when a metric is below its value (for example accuracy: 0.8)."""
+    """Gates: fail (exit 3) when a metric is below its value, for example `accuracy: 0.8`."""
     fail_over: dict[str, float] = field(default_factory=dict)
-    """Gates: fail when a metric is above its value (for example perplexity: 40)."""
+    """Gates: fail (exit 3) when a metric is above its value, for example `perplexity: 40`."""
 
     def check(self) -> list[str]:
         problems = []
         if self.batch_size <= 0:
             problems.append("batch_size: must be positive")
-        if self.context is not None and self.context <= 0:
-            problems.append("context: must be positive")
+        if self.context is not None and self.context < 2:
+            problems.append("context: must be at least 2 tokens")
         if self.stride is not None and self.stride <= 0:
             problems.append("stride: must be positive")
+        if self.context is not None and self.stride is not None and self.stride > self.context:
+            problems.append(f"stride: {self.stride} is longer than the context ({self.context})")
+        if self.max_tokens < 0:
+            problems.append("max_tokens: must be 0 (everything) or more")
         if (self.predictions is None) != (self.references is None):
-            problems.append("predictions: predictions and references go together")
+            missing = "references" if self.references is None else "predictions"
+            problems.append(f"{missing}: predictions and references go together (--predictions with --references)")
+        if self.predictions is not None and self.task in ("lm", "zero_shot"):
+            problems.append(f"task: prediction files are scored as classification, not {self.task}")
+        if "{text}" not in self.prompt_template:
+            problems.append("prompt_template: must contain {text}, where each example's text goes")
+        if len(set(self.labels)) != len(self.labels):
+            problems.append("labels: each label must appear once")
+        for label, text in self.verbalizers.items():
+            if not text:
+                problems.append(f"verbalizers.{label}: must not be empty")
+        if self.labels and self.verbalizers:
+            missing = [label for label in self.labels if label not in self.verbalizers]
+            if missing:
+                problems.append(f"verbalizers: no verbalizer for label(s) {', '.join(missing)} of eval.labels")
+        for key in ("fail_under", "fail_over"):
+            for metric, value in getattr(self, key).items():
+                if not math.isfinite(value):
+                    problems.append(f"{key}.{metric}: must be a finite number")
         return problems
 
 

@@ -8,11 +8,13 @@ data hash, anything the caller adds). It is written into a temporary directory a
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 from typing import Any
 
 import torch
 from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
 from safetensors.torch import load_model as load_safetensors_model
 from safetensors.torch import save_model as save_safetensors_model
 
@@ -33,6 +35,48 @@ def save_checkpoint(path: Path, model: torch.nn.Module, state: dict[str, Any], m
         torch.save(state, tmp / STATE)
         (tmp / META).write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
     return path
+
+
+def save_checkpoint_state(
+    path: Path, weights: dict[str, torch.Tensor], state: dict[str, Any], meta: dict[str, Any]
+) -> Path:
+    """Like `save_checkpoint`, from a full state dict (an FSDP model gathered on one process)."""
+    path = Path(path)
+    unique, seen = {}, set()
+    for name, tensor in weights.items():  # tied weights share storage: safetensors stores each tensor once
+        key = (tensor.data_ptr(), tensor.shape)
+        if key not in seen:
+            seen.add(key)
+            unique[name] = tensor.contiguous()
+    with atomic_dir(path) as tmp:
+        save_file(unique, str(tmp / WEIGHTS))
+        torch.save(state, tmp / STATE)
+        (tmp / META).write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
+    return path
+
+
+def load_checkpoint_fsdp(path: Path, model: torch.nn.Module, optimizers: list) -> tuple[dict, dict]:
+    """Load a checkpoint into an FSDP-sharded model and its optimizers (every process reads the full files)."""
+    from torch.distributed.checkpoint.state_dict import (
+        StateDictOptions,
+        set_model_state_dict,
+        set_optimizer_state_dict,
+    )
+
+    path = Path(path)
+    meta = read_meta(path)
+    try:
+        weights = load_file(str(path / WEIGHTS))
+        state = torch.load(path / STATE, map_location="cpu", weights_only=True)
+    except FileNotFoundError as exc:
+        raise CheckpointError(f"checkpoint {path} is incomplete: {Path(exc.filename or '?').name} is missing") from None
+    except Exception as exc:
+        raise CheckpointError(f"checkpoint {path} is corrupted: {_first_line(exc)}") from None
+    options = StateDictOptions(full_state_dict=True, strict=False)
+    set_model_state_dict(model, weights, options=options)
+    for opt, sub in zip(optimizers, state["optimizer"]["optimizers"], strict=True):
+        set_optimizer_state_dict(model, opt, sub, options=options)
+    return state, meta
 
 
 def read_meta(path: Path) -> dict[str, Any]:
@@ -68,6 +112,45 @@ def load_checkpoint(path: Path, model: torch.nn.Module, map_location: str | torc
     except Exception as exc:  # torch.load raises many types on a truncated or foreign file
         raise CheckpointError(f"checkpoint {path} is corrupted: {STATE}: {_first_line(exc)}") from None
     return state, meta
+
+
+# Checkpoints of a run live in <out_dir>/checkpoints/step-00001000; names sort by step.
+STEP_PREFIX = "step-"
+
+
+def checkpoint_path(root: Path, step: int) -> Path:
+    return Path(root) / f"{STEP_PREFIX}{step:08d}"
+
+
+def list_checkpoints(root: Path) -> list[tuple[int, Path]]:
+    """(step, path) of every complete checkpoint under `root`, oldest first. Half-written ones never match: they
+    live under dot-names until their final rename."""
+    root = Path(root)
+    if not root.is_dir():
+        return []
+    found = []
+    for path in root.iterdir():
+        name = path.name
+        if name.startswith(STEP_PREFIX) and name[len(STEP_PREFIX):].isdigit() and path.is_dir():
+            found.append((int(name[len(STEP_PREFIX):]), path))
+    return sorted(found)
+
+
+def latest_checkpoint(root: Path) -> Path | None:
+    found = list_checkpoints(root)
+    return found[-1][1] if found else None
+
+
+def prune_checkpoints(root: Path, keep: int, protect: tuple[Path | None, ...] = ()) -> list[Path]:
+    """Delete all but the `keep` newest checkpoints (never those in `protect`, such as the best one), and any
+    leftovers of writes that a kill interrupted. Returns what was deleted."""
+    protected = {Path(p).resolve() for p in protect if p is not None}
+    found = list_checkpoints(root)
+    doomed = [path for _, path in found[: max(0, len(found) - keep)] if path.resolve() not in protected]
+    doomed += [p for p in Path(root).glob(f".{STEP_PREFIX}*") if p.is_dir()] if Path(root).is_dir() else []
+    for path in doomed:
+        shutil.rmtree(path, ignore_errors=True)
+    return doomed
 
 
 def _first_line(exc: BaseException) -> str:

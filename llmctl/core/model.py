@@ -35,9 +35,16 @@ def quiet_transformers() -> None:
 quiet_transformers()
 
 
-def build_model(cfg: ModelConfig, vocab_size: int, eos_token_id: int, pad_token_id: int | None = None) -> PreTrainedModel:
-    """A freshly initialised GPT-2 (`GPT2LMHeadModel`) of the shape in `cfg`, sized for the tokenizer."""
-    from transformers import AutoModelForCausalLM, GPT2Config
+def build_model(
+    cfg: ModelConfig,
+    vocab_size: int,
+    eos_token_id: int,
+    pad_token_id: int | None = None,
+    labels: list[str] | None = None,
+) -> PreTrainedModel:
+    """A freshly initialised GPT-2 of the shape in `cfg`, sized for the tokenizer: a `GPT2LMHeadModel`, or with
+    `labels` a `GPT2ForSequenceClassification` over those classes (which needs `pad_token_id`)."""
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, GPT2Config
 
     config = GPT2Config(
         vocab_size=vocab_size,
@@ -54,8 +61,13 @@ def build_model(cfg: ModelConfig, vocab_size: int, eos_token_id: int, pad_token_
         eos_token_id=eos_token_id,
         pad_token_id=pad_token_id,
     )
+    if labels is not None:
+        config.num_labels = len(labels)
+        config.id2label = dict(enumerate(labels))
+        config.label2id = {label: i for i, label in enumerate(labels)}
+    cls = AutoModelForSequenceClassification if labels is not None else AutoModelForCausalLM
     try:
-        return AutoModelForCausalLM.from_config(config, attn_implementation=cfg.attn_implementation)
+        return cls.from_config(config, attn_implementation=cfg.attn_implementation)
     except (ValueError, ImportError) as exc:
         raise ModelError(f"cannot build the model: {exc}") from None
 

@@ -1,1 +1,0 @@
-"""`llmctl train`. (First version: see issue 6.)"""
