@@ -57,7 +57,7 @@ def test_jsonl_skip_counts_bad_lines(tmp_path):
 
 def test_gzip_recognised_by_content_and_crlf(tmp_path):
     path = tmp_path / "plain-name.txt"
-    path.write_bytes(gzip.compress("one\r\ntwo\rthree\n".encode()))
+    path.write_bytes(gzip.compress(b"one\r\ntwo\rthree\n"))
     assert read_text(path) == "one\ntwo\nthree\n"
     bad = tmp_path / "bad.txt"
     bad.write_bytes(b"ok \xff\xfe")
