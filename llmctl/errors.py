@@ -52,6 +52,10 @@ class CheckpointError(ModelError):
     """A checkpoint is missing, corrupted, or belongs to a different run/config/data."""
 
 
+class TrainingError(LlmctlError):
+    """Training cannot start or go on: the run directory holds another run, the loss diverged, memory ran out."""
+
+
 class GateFailed(LlmctlError):
     """Evaluation finished but one or more metric gates failed. The result is still printed before exiting."""
 

@@ -43,7 +43,7 @@ from llmctl.core.device import (
     set_threads,
 )
 from llmctl.core.files import atomic_write_text
-from llmctl.errors import ConfigError, DataError, Interrupted, LlmctlError, ModelError
+from llmctl.errors import ConfigError, DataError, Interrupted, LlmctlError, ModelError, TrainingError
 from llmctl.train.data import (
     LabeledData,
     TokenData,
@@ -140,7 +140,8 @@ def _train(cfg: Config, dist: Dist, device: torch.device, *, force: bool, quiet:
         train_ex, val_ex = split_labeled(examples, cfg.data.val_fraction, cfg.run.seed)
 
         def encode(rows):
-            ids = tokenizer([e.text for e in rows], add_special_tokens=False, truncation=True, max_length=limit)
+            # The tokenizer's own special tokens, as eval encodes them ([CLS]/[SEP] for BERT-style backbones).
+            ids = tokenizer([e.text for e in rows], truncation=True, max_length=limit)
             return [r or [tokenizer.pad_token_id] for r in ids["input_ids"]], [label_id[e.label] for e in rows]
 
         data = LabeledData(*encode(train_ex), *encode(val_ex), labels, tokenizer.pad_token_id, cfg.run.seed)
@@ -345,14 +346,14 @@ def _loop(ctx: Run, data, dtype, context: int, global_batch: int, per_step: int,
                 loss_value, norm_value = loss.item(), norm.item()
             except Exception as exc:
                 if is_oom(exc):
-                    raise LlmctlError(oom_message(cfg, context)) from None
+                    raise TrainingError(oom_message(cfg, context)) from None
                 raise
             bad = not math.isfinite(loss_value) or (ctx.scaler is None and not math.isfinite(norm_value))
             flags = all_reduce([float(bad), float(stop.signum is not None)], dist)
             if flags[0]:
                 last = ckpt.latest_checkpoint(ctx.ckpt_dir)
                 what, value = ("loss", loss_value) if not math.isfinite(loss_value) else ("gradient norm", norm_value)
-                raise LlmctlError(
+                raise TrainingError(
                     f"the {what} became {value} at step {step + 1} (lr {lr:.3g}); stopped before the update. "
                     f"Lower optim.lr or raise optim.warmup_steps; the last good checkpoint is {last or 'not saved yet'}"
                 )

@@ -26,7 +26,7 @@ from llmctl.core.device import (
     set_rng_state,
 )
 from llmctl.core.files import atomic_write_text, sha256_bytes
-from llmctl.errors import CheckpointError, LlmctlError
+from llmctl.errors import CheckpointError, TrainingError
 from llmctl.train.step import barrier
 
 log = logging.getLogger(__name__)
@@ -108,11 +108,11 @@ def decide_start(
             return None  # this run, but killed before its first checkpoint: start it again
         what = "this run" if same else "a different run"
         status = existing.get("status", "unknown")
-        raise LlmctlError(
+        raise TrainingError(
             f"run.out_dir {out_dir} already holds {what} ({status} at step {existing.get('step', '?')}); pass "
             f"--resume to continue it, --force to overwrite it, or set run.out_dir"
         )
-    raise LlmctlError(
+    raise TrainingError(
         f"run.out_dir {out_dir} is not empty and holds no llmctl run; set run.out_dir to a new directory or pass "
         f"--force to write into it"
     )
@@ -136,7 +136,7 @@ def run_lock(out_dir: Path, enabled: bool) -> Iterator[None]:
         except OSError:
             f.seek(0)
             holder = f.read().strip() or "?"
-            raise LlmctlError(f"another llmctl train (pid {holder}) is running in {out_dir}") from None
+            raise TrainingError(f"another llmctl train (pid {holder}) is running in {out_dir}") from None
         f.seek(0)
         f.truncate()
         f.write(str(os.getpid()))
@@ -298,10 +298,7 @@ def export(ctx: Run) -> None:
     model.save_pretrained(tmp, state_dict=weights)
     ctx.tokenizer.save_pretrained(tmp)
     ctx.cfg.save(tmp / CONFIG_FILE)
-    umask = os.umask(0)
-    os.umask(umask)
     for f in tmp.iterdir():
-        f.chmod(0o666 & ~umask)  # temporary files are private; the model is as readable as any file the user writes
         os.replace(f, out_dir / f.name)
     shutil.rmtree(tmp, ignore_errors=True)
 
