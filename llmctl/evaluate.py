@@ -562,7 +562,7 @@ def _read_label_file(path: str, fields: Sequence[str], id_field: str | None) -> 
     """Labels, one per line, or JSONL objects (when the first non-blank line starts with `{`) holding the label in
     the first of `fields` present. Blank lines at the end are ignored; elsewhere they are errors, as they would shift
     every match by position."""
-    from llmctl.core.inputs import display_name, iter_lines
+    from llmctl.core.inputs import display_name, iter_lines, parse_json_object
 
     name = display_name(path)
     lines = list(iter_lines(path))
@@ -580,12 +580,7 @@ def _read_label_file(path: str, fields: Sequence[str], id_field: str | None) -> 
         if not jsonl:
             entries.append(_Entry(number, None, line.strip()))
             continue
-        try:
-            obj = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise DataError(f"{name}:{number}: invalid JSON: {exc.msg}") from None
-        if not isinstance(obj, dict):
-            raise DataError(f"{name}:{number}: expected a JSON object")
+        obj = parse_json_object(line, f"{name}:{number}")
         key = next((f for f in fields if f in obj), None)
         if key is None:
             raise DataError(f"{name}:{number}: no label field (looked for {', '.join(map(repr, fields))})")

@@ -93,6 +93,17 @@ def iter_jsonl(path: str | Path, on_error: str = "fail", skipped: list[int] | No
             raise DataError(f"{display_name(path)}:{number}: invalid JSON: {exc.msg}") from None
 
 
+def parse_json_object(line: str, where: str) -> dict[str, Any]:
+    """One JSONL line that must hold an object; otherwise a DataError naming `where` (`file:line`)."""
+    try:
+        obj = json.loads(line)
+    except json.JSONDecodeError as exc:
+        raise DataError(f"{where}: invalid JSON: {exc.msg} (column {exc.colno})") from None
+    if not isinstance(obj, dict):
+        raise DataError(f"{where}: expected a JSON object, not {type(obj).__name__}")
+    return obj
+
+
 @dataclass(frozen=True)
 class Example:
     """One labeled example from a JSONL or TSV file."""
@@ -115,12 +126,7 @@ def read_labeled(
     examples = []
     if lines[0][1].lstrip().startswith("{"):
         for number, line in lines:
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise DataError(f"{name}:{number}: invalid JSON: {exc.msg}") from None
-            if not isinstance(obj, dict):
-                raise DataError(f"{name}:{number}: expected a JSON object")
+            obj = parse_json_object(line, f"{name}:{number}")
             for key in (text_field, label_field):
                 if key not in obj:
                     raise DataError(f"{name}:{number}: no {key!r} field")

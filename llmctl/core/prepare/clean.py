@@ -20,7 +20,6 @@ trailing spaces. Stages 8-11 are pure-Python NLTK and run per document.
 
 from __future__ import annotations
 
-import json
 import logging
 import re
 import unicodedata
@@ -30,6 +29,7 @@ from dataclasses import dataclass
 from functools import lru_cache
 from typing import TYPE_CHECKING, Any
 
+from llmctl.core.inputs import parse_json_object
 from llmctl.errors import DataError
 
 if TYPE_CHECKING:
@@ -171,11 +171,8 @@ class Cleaner:
         for number, row in enumerate(text.split("\n"), start=line):
             if not row.strip():
                 continue
-            try:
-                obj = json.loads(row)
-            except json.JSONDecodeError as exc:
-                raise DataError(f"{source}:{number}: invalid JSON: {exc.msg}") from None
-            if not isinstance(obj, dict) or field not in obj:
+            obj = parse_json_object(row, f"{source}:{number}")
+            if field not in obj:
                 raise DataError(f"{source}:{number}: no {field!r} field (data.text_field)")
             value = obj[field]
             if not isinstance(value, str):
