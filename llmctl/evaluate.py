@@ -56,8 +56,9 @@ def run(cfg: Config, *, quiet: bool = False) -> dict[str, Any]:
         result = _eval_files(cfg)
     else:
         from llmctl.core.device import pick_device, pick_dtype, set_threads
+        from llmctl.core.model import model_name
 
-        name = _model_name(cfg)
+        name = model_name(cfg.eval.model, cfg.run.out_dir, "eval.model")
         task = _resolve_task(ec.task, _model_kind(name, cfg.run.trust_remote_code), name)
         set_threads(cfg.run.threads)
         device = pick_device(cfg.run.device)
@@ -75,18 +76,6 @@ def run(cfg: Config, *, quiet: bool = False) -> dict[str, Any]:
 
 # ---------------------------------------------------------------------------------------------------------------
 # Which model, which task
-
-
-def _model_name(cfg: Config) -> str:
-    if cfg.eval.model:
-        return cfg.eval.model
-    out_dir = Path(cfg.run.out_dir)
-    if not out_dir.exists():
-        raise ModelError(
-            f"no model to evaluate: run.out_dir {out_dir} does not exist; pass --model DIR_OR_ID (or eval.model), "
-            "or train first"
-        )
-    return str(out_dir)
 
 
 def _model_kind(name: str, trust_remote_code: bool) -> str:

@@ -95,7 +95,7 @@ def test_lm_input_errors(tiny_model_dir, tmp_path):
         _run(model=str(tiny_model_dir), input=str(empty), context=65)
     with pytest.raises(ConfigError, match="eval.input: nothing to evaluate"):
         evaluate.run(load_config(None, [f"data.dir={tmp_path}/none", f"eval.model={tiny_model_dir}"]), quiet=True)
-    with pytest.raises(ModelError, match="no model to evaluate.*--model"):
+    with pytest.raises(ModelError, match="no model given and run.out_dir .* does not exist; pass --model"):
         evaluate.run(load_config(None, [f"run.out_dir={tmp_path}/no-run"]), quiet=True)
 
 

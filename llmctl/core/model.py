@@ -72,6 +72,19 @@ def build_model(
         raise ModelError(f"cannot build the model: {exc}") from None
 
 
+def model_name(named: str | None, out_dir: str, key: str) -> str:
+    """The model a command works on: the one named (`--model`, or config key `key`), else the run directory the
+    config's training writes (`run.out_dir`)."""
+    if named:
+        return named
+    if not Path(out_dir).exists():
+        raise ModelError(
+            f"no model given and run.out_dir {out_dir} does not exist; pass --model DIR_OR_ID (or set {key}), "
+            "or train one first (llmctl train -c CONFIG)"
+        )
+    return str(out_dir)
+
+
 def load_model(
     name: str | Path,
     *,
