@@ -358,9 +358,10 @@ class GenerateConfig:
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
     """Weights and compute dtype; `auto` is bf16 on GPUs that support it and fp32 elsewhere."""
     batch_invariant: bool = True
-    """GPT-2 on CPU: each prompt's output is the same, bit for bit, however prompts are batched (a lone prompt is
-    decoded as two rows, as BLAS adds up a single row in another order). False takes the single-row path, about 20%
-    faster at batch 1, but a sampled token can then differ now and then between batch sizes."""
+    """GPT-2 on CPU: each prompt's output is the same, bit for bit, however prompts are batched (a lone prompt goes
+    through the matrix products as two rows, as BLAS adds up a single row in another order). False takes the
+    single-row path, about 20% faster at batch 1, but a sampled token can then differ now and then between batch
+    sizes."""
     on_error: Literal["fail", "skip"] = "fail"
     """A malformed input line stops the run (`fail`) or is skipped and counted (`skip`)."""
 

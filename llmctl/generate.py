@@ -18,11 +18,11 @@ import threading
 import time
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field, replace
-from pathlib import Path
 from typing import Any
 
 from llmctl.config import Config, GenerateConfig
-from llmctl.errors import ConfigError, DataError, ModelError
+from llmctl.core.inputs import parse_json_object
+from llmctl.errors import ConfigError, DataError
 
 log = logging.getLogger(__name__)
 
@@ -62,10 +62,10 @@ def run(cfg: Config, *, quiet: bool = False) -> Iterator[str | dict]:
     from llmctl.core.decode import Decoder
     from llmctl.core.device import pick_device, pick_dtype, set_threads
     from llmctl.core.hub import locate
-    from llmctl.core.model import load_model, load_tokenizer
+    from llmctl.core.model import load_model, load_tokenizer, model_name
 
     g = cfg.generate
-    name = _model_name(cfg)
+    name = model_name(cfg.generate.model, cfg.run.out_dir, "generate.model")
     locate(name, "model")  # a directory that is not a model fails here, before the tokenizer is looked for
     device = pick_device(cfg.run.device)
     set_threads(cfg.run.threads)
@@ -89,18 +89,6 @@ def run(cfg: Config, *, quiet: bool = False) -> Iterator[str | dict]:
         else:
             yield from _text(decoder.generate(requests), meta, g.echo, stats)
     _summary(stats, time.perf_counter() - start)
-
-
-def _model_name(cfg: Config) -> str:
-    if cfg.generate.model:
-        return cfg.generate.model
-    out_dir = Path(cfg.run.out_dir)
-    if not out_dir.exists():
-        raise ModelError(
-            f"no model to sample from: run directory {out_dir} does not exist; pass --model DIR_OR_ID, set "
-            f"generate.model, or train one first (llmctl train -c CONFIG)"
-        )
-    return str(out_dir)
 
 
 def derive_seed(seed: int, key: object) -> int:
@@ -178,12 +166,7 @@ def _from_lines(g: GenerateConfig, stats: _Stats) -> Iterator[Prompt]:
 
 def _parse_jsonl(line: str, where: str) -> tuple[str, str | int | None, dict[str, Any]]:
     """(prompt, id, sampling overrides) from one JSONL line; a DataError naming the line if anything is off."""
-    try:
-        obj = json.loads(line)
-    except json.JSONDecodeError as exc:
-        raise DataError(f"{where}: invalid JSON: {exc.msg} (column {exc.colno})") from None
-    if not isinstance(obj, dict):
-        raise DataError(f"{where}: expected a JSON object with a \"prompt\" field")
+    obj = parse_json_object(line, where)
     if "prompt" not in obj:
         raise DataError(f"{where}: no \"prompt\" field")
     for key in obj:

@@ -2,10 +2,12 @@
 and per-sequence seeded randomness, streamed text with stop strings.
 
 Two forwards share one loop:
-- `GPT2Forward`: a lean decode step over a GPT-2's own modules with a preallocated KV cache. On a small model
-  per-token Python overhead dominates `model.generate` (mask building, cache classes, output dataclasses, logits
-  processors); this path runs the same ops in the same order, so greedy output is token-for-token that of
-  `model.generate`, at about twice the speed on a 2-core CPU (bench/bench_generate.py).
+- `GPT2Forward`: a lean decode step over a GPT-2's own weights with a preallocated KV cache. On a small model
+  per-token overhead dominates `model.generate` (mask building, cache classes, output dataclasses, logits
+  processors, ~5x more small ops, each of which runs with cold caches after a matrix product has streamed megabytes
+  of weights through them); this path runs the same ops in the same order (its step compiled by TorchScript), so
+  greedy output is token-for-token that of `model.generate`, at 1.6-2x the speed on a 2-core CPU
+  (bench/bench_generate.py).
 - `HFForward`: any other causal LM through its own forward and transformers' cache, with the same sampling,
   seeding, stop strings and streaming.
 
@@ -16,8 +18,10 @@ its batch (on CPU, where a row's arithmetic does not depend on the batch around 
 
 from __future__ import annotations
 
+import functools
 import inspect
 import logging
+import math
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -112,7 +116,6 @@ class Decoder:
         """`gpt2` (the lean path) or `generic`."""
         return "gpt2" if isinstance(self.forward, GPT2Forward) else "generic"
 
-    @torch.inference_mode()
     def generate(self, requests: Sequence[Request]) -> Iterator[TextDelta | Finished]:
         """Decode `requests` together; yield text as it becomes final and each result as its sequence ends."""
         start = time.perf_counter()
@@ -122,29 +125,33 @@ class Decoder:
         order = sorted(range(len(requests)), key=lambda i: -len(requests[i].prompt_ids))
         requests = [requests[i] for i in order]
         lengths = [len(r.prompt_ids) for r in requests]
-        max_new = max(r.params.max_new_tokens for r in requests)
+        limits = [r.params.max_new_tokens for r in requests]
+        max_new = max(limits)
         if self.context_length and max(lengths) + max_new > self.context_length:
             raise ValueError("prompt + max_new_tokens exceed the context; truncate before decoding")
-        ids, mask = _left_pad([r.prompt_ids for r in requests], self.pad_id, self.device)  # (B, P)
-        logits = self.forward.prefill(ids, mask, max_new)  # (B, V)
-        sampler = Sampler([r.params for r in requests], [r.seed for r in requests], requests, self.vocab_size,
-                          self.device)
+        # Inference mode only around the tensor work, not across the yields (the caller's code runs there).
+        with torch.inference_mode():
+            ids, mask = _left_pad([r.prompt_ids for r in requests], self.pad_id, self.device)  # (B, P)
+            logits = self.forward.prefill(ids, mask, max_new)  # (B, V)
+            sampler = Sampler([r.params for r in requests], [r.seed for r in requests], requests, self.vocab_size,
+                              self.device)
+            tokens = sampler(logits, 0)  # (B,)
         texts = [_TextTail(self.tokenizer, r.prompt_ids, r.params.stop) for r in requests]
         generated: list[list[int]] = [[] for _ in requests]
         rows = list(range(len(requests)))  # request index of each row still decoding
+        eos_ids = self.eos_ids
         for step in range(max_new):
-            tokens = sampler(logits, step)  # (B,)
             keep = []
             for j, (i, token) in enumerate(zip(rows, tokens.tolist())):
                 generated[i].append(token)
                 text, reason = texts[i], None
-                if token in self.eos_ids:
+                if token in eos_ids:
                     reason, delta = "eos", text.finish()
                 else:
                     delta = text.push(token)
                     if text.stopped:
                         reason = "stop"
-                    elif len(generated[i]) >= requests[i].params.max_new_tokens:
+                    elif step + 1 >= limits[i]:
                         reason = "length"
                         delta += text.finish()
                 if delta:
@@ -156,13 +163,14 @@ class Decoder:
                     yield Finished(order[i], Result(generated[i], text.text, reason, seconds))
             if not keep:
                 return
-            if len(keep) < len(rows):
-                index = torch.tensor(keep, device=self.device)
-                rows = [rows[j] for j in keep]
-                tokens = tokens[index]
-                self.forward.select(index)
-                sampler.select(index)
-            logits = self.forward.step(tokens)
+            with torch.inference_mode():
+                if len(keep) < len(rows):
+                    index = torch.tensor(keep, device=self.device)
+                    rows = [rows[j] for j in keep]
+                    tokens = tokens[index]
+                    self.forward.select(index)
+                    sampler.select(index)
+                tokens = sampler(self.forward.step(tokens), step + 1)
 
 
 def _left_pad(prompts: Sequence[Sequence[int]], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -216,6 +224,9 @@ class Sampler:
             self.uniforms = torch.stack(
                 [torch.rand(steps, generator=torch.Generator().manual_seed(s), dtype=torch.float64) for s in seeds]
             ).to(device=device, dtype=torch.float32)  # (B, steps)
+            # float32 rounds the top 2**-25 of [0, 1) up to 1, where u * mass could reach the mass (see `_draw`).
+            self.uniforms.clamp_(max=1 - 2**-24)
+        self.draw = _scripted(_draw)
         self.temperature = _column([p.temperature if not p.greedy else 1.0 for p in params], device)
         self.top_p = _column([p.top_p for p in params], device)
         ks = [min(p.top_k, vocab) for p in params]
@@ -241,31 +252,14 @@ class Sampler:
         if self.all_greedy:
             tokens = logits.argmax(-1)
         else:
-            tokens = self._sample(logits, self.uniforms[:, step])
+            with torch.jit.optimized_execution(False):  # run the ops as written: no profiling runs, no fusion
+                tokens = self.draw(logits, self.uniforms[:, step], self.kmax, self.temperature, self.k_mask,
+                                   self.top_p)
             if self.any_greedy:
                 tokens = torch.where(self.greedy, logits.argmax(-1), tokens)
         if self.seen is not None:
             self.seen.scatter_(1, tokens[:, None], True)
         return tokens
-
-    def _sample(self, logits: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
-        if self.kmax < logits.shape[-1]:
-            values, index = logits.topk(self.kmax, dim=-1)  # (B, k), sorted, largest first
-        else:
-            values, index = logits.sort(dim=-1, descending=True)
-        if self.temperature is not None:
-            values = values / self.temperature
-        if self.k_mask is not None:
-            values = values.masked_fill(self.k_mask, float("-inf"))
-        probs = values.softmax(-1)
-        if self.top_p is not None:
-            # Keep the smallest head of the distribution whose mass reaches top_p (the top token always stays).
-            before = probs.cumsum(-1) - probs
-            probs = probs.masked_fill(before >= self.top_p, 0.0)
-        cdf = probs.cumsum(-1)
-        # right=True never lands on a token of probability 0: it picks the first token whose cdf exceeds u * mass.
-        pick = torch.searchsorted(cdf, u[:, None] * cdf[:, -1:], right=True).clamp_(max=cdf.shape[-1] - 1)
-        return index.gather(1, pick).squeeze(1)
 
     def select(self, rows: torch.Tensor) -> None:
         """Keep only these rows (the others finished)."""
@@ -275,13 +269,36 @@ class Sampler:
                 setattr(self, name, value[rows])
 
 
-def _column(values: list[float], device) -> torch.Tensor | float | None:
-    """A (B, 1) tensor of per-row values, a plain float when all rows agree, None when all rows hold the neutral 1."""
+def _column(values: list[float], device) -> torch.Tensor | None:
+    """A (B, 1) tensor of per-row values, None when all rows hold the neutral 1."""
     if all(v == 1.0 for v in values):
         return None
-    if all(v == values[0] for v in values):
-        return values[0]
     return torch.tensor(values, dtype=torch.float32, device=device)[:, None]
+
+
+def _draw(logits: torch.Tensor, u: torch.Tensor, kmax: int, temperature: torch.Tensor | None,
+          k_mask: torch.Tensor | None, top_p: torch.Tensor | None) -> torch.Tensor:
+    """Each row's token from logits (B, V) by inverse CDF with its uniform number u (B,): temperature (B, 1), top-k
+    (kmax, and k_mask (B, kmax) for rows with a smaller k), top-p (B, 1). Row by row arithmetic only: a row's token
+    does not depend on the other rows."""
+    if kmax < logits.size(-1):
+        values, index = logits.topk(kmax, dim=-1)  # (B, k), sorted, largest first
+    else:
+        values, index = logits.sort(dim=-1, descending=True)
+    if temperature is not None:
+        values = values / temperature
+    if k_mask is not None:
+        values = values.masked_fill(k_mask, float("-inf"))
+    probs = values.softmax(-1)
+    cdf = probs.cumsum(-1)
+    if top_p is not None:
+        # Keep the smallest head of the distribution whose mass reaches top_p (the top token always stays).
+        probs = probs.masked_fill(cdf - probs >= top_p, 0.0)
+        cdf = probs.cumsum(-1)
+    # right=True never lands on a token of probability 0: it picks the first token whose cdf exceeds u * mass
+    # (u < 1, so u * mass < mass).
+    pick = torch.searchsorted(cdf, u[:, None] * cdf[:, -1:], right=True).clamp_(max=cdf.size(-1) - 1)
+    return index.gather(1, pick).squeeze(1)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -362,13 +379,18 @@ class GPT2Forward:
     """GPT-2 (`GPT2LMHeadModel`) decoding over the model's own weights with a preallocated KV cache.
 
     The same operations as transformers' GPT-2 with sdpa attention (addmm for its Conv1D layers, layer norms,
-    scaled_dot_product_attention), minus the per-call machinery. On CPU it is arranged so that a row's arithmetic
-    does not depend on the rest of its batch, which makes output independent of batching, bit for bit:
+    scaled_dot_product_attention), minus the per-call machinery: no module calls, no per-step cache objects, the
+    c_attn product written straight into the cache (out=), activations and residual additions in place, the step in
+    TorchScript. On CPU it is arranged so
+    that a row's arithmetic does not depend on the rest of its batch, which makes output independent of batching,
+    bit for bit:
     - each prompt is prefilled on its own (no padding in any sum);
     - decode-step attention runs over exactly each row's own keys (rows with the same prompt length share a call);
     - decode-step matrix products always see between 2 and 16 rows, because BLAS takes another code path (another
-      order of additions) for a single row and, for some shapes, for many rows: a lone row is decoded twice over
-      (the copy costs little, the weights are read once either way), and big batches go in pieces;
+      order of additions) for a single row and, for some shapes, for many rows. A lone row goes through the
+      matrix products with a copy of itself as second row (the weights are read once either way; the products
+      cost about 20% more than a single row's); attention and sampling see it once. Big batches go through matrix
+      products in pieces;
     - the output projection uses a transposed copy of the embedding matrix, for the same reason.
     """
 
@@ -384,6 +406,7 @@ class GPT2Forward:
             and not getattr(config, "scale_attn_by_inverse_layer_idx", False)
             and not getattr(config, "reorder_and_upcast_attn", False)
             and getattr(config, "_attn_implementation", "sdpa") in ("sdpa", "eager")
+            and all(_activation_name(block.mlp.act) for block in model.transformer.h)
             and not model.training
         )
 
@@ -395,115 +418,204 @@ class GPT2Forward:
         self.head_dim = self.width // self.n_head
         self.eps = config.layer_norm_epsilon
         self.scale = transformer.h[0].attn.scaling
-        self.wte = transformer.wte.weight
-        self.wpe = transformer.wpe.weight
-        self.ln_f = (transformer.ln_f.weight, transformer.ln_f.bias)
-        self.lm_head = model.lm_head.weight  # (V, C)
+        self.activation = _activation_name(transformer.h[0].mlp.act)
+        # The weights, detached, in aligned memory where they are not (see `_aligned`).
+        self.wte = _aligned(transformer.wte.weight)
+        self.wpe = _aligned(transformer.wpe.weight)
+        self.ln_f = (_aligned(transformer.ln_f.weight), _aligned(transformer.ln_f.bias))
+        tied = model.lm_head.weight.data_ptr() == transformer.wte.weight.data_ptr()
+        self.lm_head = self.wte if tied else _aligned(model.lm_head.weight)  # (V, C)
         self.invariant = batch_invariant and self.wte.device.type == "cpu"
         self.lm_head_t = self.lm_head.t().contiguous() if self.invariant else None  # (C, V)
-        # One tuple of weights per block, and the activation's own forward (no module-call overhead).
-        self.blocks = [
-            (b.ln_1.weight, b.ln_1.bias, b.attn.c_attn.weight, b.attn.c_attn.bias, b.attn.c_proj.weight,
-             b.attn.c_proj.bias, b.ln_2.weight, b.ln_2.bias, b.mlp.c_fc.weight, b.mlp.c_fc.bias,
-             b.mlp.c_proj.weight, b.mlp.c_proj.bias, b.mlp.act.forward)
+        self.max_rows = self.MAX_ROWS if self.invariant else 0
+        # What `_decode_step` reads: the embeddings, the final layer norm, the output projection ((C, V) for
+        # max_rows > 0, else (V, C)), then 12 per block (ln_1, c_attn, attn c_proj, ln_2, c_fc, mlp c_proj).
+        self.weights = [self.wte, self.wpe, *self.ln_f, self.lm_head if self.lm_head_t is None else self.lm_head_t]
+        self.weights += [
+            _aligned(w)
             for b in transformer.h
+            for w in (b.ln_1.weight, b.ln_1.bias, b.attn.c_attn.weight, b.attn.c_attn.bias, b.attn.c_proj.weight,
+                      b.attn.c_proj.bias, b.ln_2.weight, b.ln_2.bias, b.mlp.c_fc.weight, b.mlp.c_fc.bias,
+                      b.mlp.c_proj.weight, b.mlp.c_proj.bias)
         ]
+        self.n_layer = len(transformer.h)
+        self.decode_step = None  # compiled at the first step, after the first token
 
     def prefill(self, ids: torch.Tensor, mask: torch.Tensor, max_new: int) -> torch.Tensor:
         """Rows must come longest prompt first (so that rows of equal length sit together)."""
         batch, length = ids.shape
-        # Keys and values of a layer in one tensor, so that a step stores both with one copy.
-        shape = (batch, 2, self.n_head, length + max_new, self.head_dim)
-        self.cache = [self.wte.new_empty(shape) for _ in self.blocks]  # (B, 2, H, T, D) per layer
-        lengths = mask.sum(-1)
-        self.starts = (length - lengths).tolist()  # column of each row's first token
-        self.groups = _runs(self.starts)
-        self.next_pos = lengths  # (B,): the position of each row's next token
+        self.starts = [length - n for n in mask.sum(-1).tolist()]  # column of each row's first token
+        # Per layer, the c_attn output of every token: (R, T, 3C), time-major, so that the query, key and value of
+        # one step are one row that addmm writes in place (out=), and a row's keys are a strided view. R >= B: the
+        # physical rows of the matrix products (see `_decode_step`).
+        self.rows = self._rows(batch)
+        shape = (self.rows, length + max_new, 3 * self.width)
+        self.cache = [self.wte.new_empty(shape) for _ in range(self.n_layer)]
         self.t = length  # the column the next token goes in, the same for every row
-        self.twice = False  # one row decoded as two identical rows
-        logits = []
-        for row, start in enumerate(self.starts):
-            x = F.embedding(ids[row, start:], self.wte) + self.wpe[: length - start]  # (L, C)
-            logits.append(self._prefill_row(x[None], row, start))
-        if batch == 1:
-            self.select(torch.zeros(1, dtype=torch.long, device=ids.device))
+        logits = [self._prefill_row(ids[row, start:], row, start) for row, start in enumerate(self.starts)]
+        self.next_pos = torch.tensor([length - s for s in self.starts], device=ids.device)  # (B,)
+        self._arrange()
         return torch.cat(logits)
 
     def step(self, tokens: torch.Tensor) -> torch.Tensor:
-        if self.twice:
-            tokens = tokens.repeat(2)
-        batch, width = tokens.shape[0], self.width
-        heads, head_dim, eps, t = self.n_head, self.head_dim, self.eps, self.t
-        x = F.embedding(tokens, self.wte) + F.embedding(self.next_pos, self.wpe)  # (B, C)
-        for layer, (ln1_w, ln1_b, qkv_w, qkv_b, proj_w, proj_b, ln2_w, ln2_b, fc_w, fc_b, out_w, out_b, act) in (
-            enumerate(self.blocks)
-        ):
-            h = F.layer_norm(x, (width,), ln1_w, ln1_b, eps)
-            qkv = self._mm(qkv_b, h, qkv_w).view(batch, 3, heads, head_dim)
-            q = qkv[:, 0, :, None]  # (B, H, 1, D)
-            cache = self.cache[layer]
-            cache[:, :, :, t] = qkv[:, 1:]
-            parts = [
-                F.scaled_dot_product_attention(
-                    q[lo:hi], cache[lo:hi, 0, :, start:t + 1], cache[lo:hi, 1, :, start:t + 1], scale=self.scale
-                )
-                for lo, hi, start in self.groups
-            ]
-            a = (parts[0] if len(parts) == 1 else torch.cat(parts)).view(batch, width)  # (B, H, 1, D) -> (B, C)
-            x = self._mm(proj_b, a, proj_w) + x
-            h = F.layer_norm(x, (width,), ln2_w, ln2_b, eps)
-            h = act(self._mm(fc_b, h, fc_w))
-            x = self._mm(out_b, h, out_w) + x
-        x = F.layer_norm(x, (width,), self.ln_f[0], self.ln_f[1], eps)
+        """Logits (B, V) after feeding each row its next token, (B,)."""
+        if self.decode_step is None:
+            self.decode_step = _scripted(_decode_step)
+        with torch.jit.optimized_execution(False):  # run the ops as written: no fusion, no specialisation
+            logits = self.decode_step(tokens, self.next_pos, self.weights, self.cache, self.t, self.groups,
+                                      self.rows, self.n_head, self.eps, self.scale, self.activation, self.max_rows)
         self.t += 1
-        self.next_pos = self.next_pos + 1
-        if self.lm_head_t is None:
-            logits = F.linear(x, self.lm_head)
-        else:
-            logits = self._mm(None, x, self.lm_head_t)
-        return (logits[:1] if self.twice else logits).float()  # (B, V)
+        return logits
 
     def select(self, rows: torch.Tensor) -> None:
-        if self.twice:
-            rows = rows.new_zeros(len(rows))  # the only row there is
-        self.twice = self.invariant and len(rows) < self.MIN_ROWS
-        if self.twice:
-            rows = rows.repeat(2)
-        self.cache = [c[rows] for c in self.cache]
-        self.next_pos = self.next_pos[rows]
         self.starts = [self.starts[i] for i in rows.tolist()]
-        self.groups = _runs(self.starts)
+        self.next_pos = self.next_pos[rows]
+        self.rows = self._rows(len(rows))
+        if self.rows > len(rows):
+            rows = rows.expand(self.rows)
+        self.cache = [c[rows] for c in self.cache]
+        self._arrange()
 
-    def _prefill_row(self, x: torch.Tensor, row: int, start: int) -> torch.Tensor:
-        """Run one prompt (1, L, C) through the blocks, filling its cache columns start..; logits (1, V)."""
-        _, length, width = x.shape
-        heads, head_dim, eps = self.n_head, self.head_dim, self.eps
-        end = start + length
-        for layer, (ln1_w, ln1_b, qkv_w, qkv_b, proj_w, proj_b, ln2_w, ln2_b, fc_w, fc_b, out_w, out_b, act) in (
-            enumerate(self.blocks)
-        ):
-            h = F.layer_norm(x, (width,), ln1_w, ln1_b, eps)
-            qkv = torch.addmm(qkv_b, h.view(-1, width), qkv_w).view(1, length, 3, heads, head_dim)
-            q = qkv[:, :, 0].transpose(1, 2)  # (1, H, L, D)
-            keys = self.cache[layer][row:row + 1, 0, :, start:end]
-            values = self.cache[layer][row:row + 1, 1, :, start:end]
-            keys.copy_(qkv[:, :, 1].transpose(1, 2))
-            values.copy_(qkv[:, :, 2].transpose(1, 2))
-            a = F.scaled_dot_product_attention(q, keys, values, is_causal=length > 1, scale=self.scale)
-            a = a.transpose(1, 2).reshape(-1, width)  # (L, C)
-            x = torch.addmm(proj_b, a, proj_w).view(1, length, width) + x
-            h = F.layer_norm(x, (width,), ln2_w, ln2_b, eps)
-            h = act(torch.addmm(fc_b, h.view(-1, width), fc_w))
-            x = torch.addmm(out_b, h, out_w).view(1, length, width) + x
-        x = F.layer_norm(x[:, -1], (width,), self.ln_f[0], self.ln_f[1], eps)  # (1, C): only the last position
+    def _rows(self, batch: int) -> int:
+        return max(batch, self.MIN_ROWS) if self.invariant else batch
+
+    def _arrange(self) -> None:
+        self.batch = len(self.starts)
+        self.groups = [list(run) for run in _runs(self.starts)]
+
+    def _prefill_row(self, ids: torch.Tensor, row: int, start: int) -> torch.Tensor:
+        """Run one prompt (L,) through the blocks, filling its cache columns start..; logits (1, V)."""
+        (length,), width, heads, eps = ids.shape, self.width, self.n_head, self.eps
+        x = F.embedding(ids, self.wte) + self.wpe[:length]  # (L, C)
+        for layer, cache in enumerate(self.cache):
+            ln1_w, ln1_b, qkv_w, qkv_b, proj_w, proj_b, ln2_w, ln2_b, fc_w, fc_b, out_w, out_b = (
+                self.weights[5 + 12 * layer:17 + 12 * layer]
+            )
+            qkv = cache[row, start:start + length]  # (L, 3C)
+            torch.addmm(qkv_b, torch.layer_norm(x, (width,), ln1_w, ln1_b, eps), qkv_w, out=qkv)
+            q, k, v = qkv.view(1, length, 3, heads, self.head_dim).transpose(1, 3).unbind(2)  # 3 x (1, H, L, D)
+            a = F.scaled_dot_product_attention(q, k, v, is_causal=length > 1, scale=self.scale)
+            a = a.transpose(1, 2).reshape(length, width)
+            x = torch.addmm(proj_b, a, proj_w) + x
+            h = torch.addmm(fc_b, torch.layer_norm(x, (width,), ln2_w, ln2_b, eps), fc_w)
+            x = torch.addmm(out_b, _activate(h, self.activation), out_w) + x
+        x = torch.layer_norm(x[-1:], (width,), self.ln_f[0], self.ln_f[1], eps)  # (1, C): only the last position
         return F.linear(x, self.lm_head).float()  # (1, V)
 
-    def _mm(self, bias: torch.Tensor | None, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-        """bias + x @ weight, (M, K) @ (K, N); on CPU in pieces of at most MAX_ROWS rows."""
-        if x.shape[0] > self.MAX_ROWS and self.invariant:
-            pieces = -(-x.shape[0] // self.MAX_ROWS)  # sizes differ by one at most, so none is a lone row
-            return torch.cat([self._mm(bias, piece, weight) for piece in x.tensor_split(pieces)])
-        return torch.addmm(bias, x, weight) if bias is not None else x @ weight
+
+# The decode step, in TorchScript's subset of Python: run by its interpreter, its ~100 small ops cost about 10% less
+# than from Python (measured at batch 1), and they are the same ops, so the same bits. Where TorchScript is missing
+# (it is deprecated), the same functions run as plain Python.
+
+
+def _decode_step(tokens: torch.Tensor, positions: torch.Tensor, weights: list[torch.Tensor],
+                 caches: list[torch.Tensor], t: int, groups: list[list[int]], rows: int, heads: int, eps: float,
+                 scale: float, activation: str, max_rows: int) -> torch.Tensor:
+    """Logits (B, V) of B rows after their next tokens (B,) at their positions (B,), which it advances by one.
+    Matrix products see R >= B rows (a lone row doubled); each block writes the new tokens' query, key and value
+    into its cache (R, T, 3C) at column t. `groups`: [first row, end row, first column] of the rows that share
+    attention calls. `weights`: see GPT2Forward.__init__."""
+    batch = tokens.size(0)
+    x = weights[0].index_select(0, tokens) + weights[1].index_select(0, positions)  # (B, C)
+    positions += 1
+    if rows > batch:
+        x = x.expand(rows, x.size(1)).contiguous()
+    width = x.size(1)
+    head_dim = width // heads
+    for layer in range(len(caches)):
+        w = weights[5 + 12 * layer:17 + 12 * layer]
+        cache = caches[layer]
+        _linear(w[3], torch.layer_norm(x, [width], w[0], w[1], eps), w[2], max_rows, cache.select(1, t))
+        split = cache.view(cache.size(0), cache.size(1), 3, heads, head_dim)  # (R, T, 3, H, D)
+        parts: list[torch.Tensor] = []
+        for group in groups:
+            part = split[group[0]:group[1]]
+            q = part[:, t:t + 1, 0].transpose(1, 2)  # (b, H, 1, D)
+            k = part[:, group[2]:t + 1, 1].transpose(1, 2)  # (b, H, L, D)
+            v = part[:, group[2]:t + 1, 2].transpose(1, 2)
+            parts.append(F.scaled_dot_product_attention(q, k, v, scale=scale))
+        a = (parts[0] if len(parts) == 1 else torch.cat(parts)).view(batch, width)  # (B, H, 1, D) -> (B, C)
+        if rows > batch:
+            a = a.expand(rows, width)
+        x += _linear(w[5], a, w[4], max_rows, None)  # x + y and y + x are the same bits: in place is exact
+        h = _linear(w[9], torch.layer_norm(x, [width], w[6], w[7], eps), w[8], max_rows, None)
+        x += _linear(w[11], _activate(h, activation), w[10], max_rows, None)
+    x = torch.layer_norm(x, [width], weights[2], weights[3], eps)
+    if max_rows > 0:
+        logits = _linear(None, x, weights[4], max_rows, None)  # (C, V): see GPT2Forward
+    else:
+        logits = F.linear(x, weights[4])
+    return logits[:batch].float()
+
+
+def _linear(bias: torch.Tensor | None, x: torch.Tensor, weight: torch.Tensor, max_rows: int,
+            out: torch.Tensor | None) -> torch.Tensor:
+    """bias + x @ weight, (M, K) @ (K, N), into `out` if given; in pieces of at most max_rows rows (0: no limit),
+    none of them a single row when M > max_rows."""
+    if max_rows == 0 or x.size(0) <= max_rows:
+        return _addmm(bias, x, weight, out)
+    pieces = (x.size(0) + max_rows - 1) // max_rows  # sizes differ by one at most
+    if out is None:
+        return torch.cat([_addmm(bias, piece, weight, None) for piece in x.tensor_split(pieces)])
+    for piece, part in zip(x.tensor_split(pieces), out.tensor_split(pieces)):
+        _addmm(bias, piece, weight, part)
+    return out
+
+
+def _addmm(bias: torch.Tensor | None, x: torch.Tensor, weight: torch.Tensor, out: torch.Tensor | None) -> torch.Tensor:
+    if bias is None:
+        return torch.mm(x, weight) if out is None else torch.mm(x, weight, out=out)
+    return torch.addmm(bias, x, weight) if out is None else torch.addmm(bias, x, weight, out=out)
+
+
+def _activate(h: torch.Tensor, name: str) -> torch.Tensor:
+    """GPT-2's MLP activation, the same ops as transformers' (see `_activation_name`); may overwrite h."""
+    if name == "gelu_new":  # NewGELUActivation, op for op
+        return 0.5 * h * (1.0 + torch.tanh(math.sqrt(2.0 / math.pi) * (h + 0.044715 * torch.pow(h, 3.0))))
+    return torch.ops.aten.gelu_(h, approximate=name)  # in place: the same kernel as F.gelu, the same bits
+
+
+def _activation_name(act) -> str | None:
+    """`none` (exact GELU), `tanh` (torch's tanh GELU) or `gelu_new` (transformers' formula) for the activation
+    modules `_activate` reproduces exactly; None for any other."""
+    from transformers.activations import GELUActivation, GELUTanh, NewGELUActivation
+
+    inner = getattr(act, "act", None)
+    if type(act) is GELUActivation and inner is F.gelu:
+        return "none"
+    if (type(act) is GELUTanh and isinstance(inner, functools.partial) and inner.func is F.gelu
+            and not inner.args and inner.keywords == {"approximate": "tanh"}):
+        return "tanh"
+    if type(act) is NewGELUActivation:
+        return "gelu_new"
+    return None
+
+
+@functools.cache
+def _scripted(fn):
+    """`fn` compiled by TorchScript (`_decode_step`: about 15 ms, once), or `fn` itself where that fails."""
+    import warnings
+
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # TorchScript announces its deprecation
+            return torch.jit.script(fn)
+    except Exception as exc:  # a torch without (working) TorchScript: the same ops from Python
+        log.debug("TorchScript unavailable for %s (%s): running it as Python", fn.__name__, exc)
+        return fn
+
+
+def _aligned(weight: torch.nn.Parameter) -> torch.Tensor:
+    """`weight`, detached, moved once into 64-byte-aligned memory where it is not. transformers maps safetensors
+    weights straight from the file at 8-byte alignment: vector loads then straddle cache lines, which makes a decode
+    step about 10% slower (measured on the benchmark's model). The parameter itself is realigned (same values, same
+    Parameter, so tied weights stay tied), so the model holds one copy, not two."""
+    tensor = weight.detach()
+    if tensor.device.type == "cpu" and (tensor.data_ptr() % 64 or not tensor.is_contiguous()):
+        with torch.no_grad():
+            weight.data = tensor.clone(memory_format=torch.contiguous_format)
+        tensor = weight.detach()
+    return tensor
 
 
 def _runs(starts: list[int]) -> list[tuple[int, int, int]]:

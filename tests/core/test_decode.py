@@ -12,6 +12,7 @@ from llmctl.core.decode import (
     GPT2Forward,
     HFForward,
     Request,
+    Sampler,
     SamplingParams,
     TextDelta,
     _TextTail,
@@ -251,3 +252,82 @@ def test_text_that_could_start_a_stop_string_is_held_back():
 def test_no_stop_string_releases_everything():
     tail, released = feed("plain text")
     assert not tail.stopped and released == tail.text == "plain text"
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The lean path's machinery: activations, TorchScript, aligned weights
+
+
+def _gpt2(tokenizer, tmp_path, activation):
+    from transformers import AutoModelForCausalLM, GPT2Config
+
+    config = GPT2Config(vocab_size=len(tokenizer), n_positions=64, n_embd=32, n_layer=2, n_head=2,
+                        activation_function=activation, bos_token_id=tokenizer.eos_token_id,
+                        eos_token_id=tokenizer.eos_token_id)
+    torch.manual_seed(0)
+    AutoModelForCausalLM.from_config(config).save_pretrained(tmp_path)
+    model = load_model(tmp_path).eval()
+    model.generation_config.eos_token_id = None
+    return model
+
+
+@pytest.mark.parametrize("activation", ["gelu_new", "gelu_pytorch_tanh", "gelu"])
+def test_lean_path_reproduces_each_gpt2_activation(tokenizer_dir, tmp_path, activation):
+    tokenizer = load_tokenizer(tokenizer_dir)
+    model = _gpt2(tokenizer, tmp_path, activation)
+    decoder = Decoder(model, tokenizer, ignore_eos=True)
+    assert decoder.path == "gpt2"
+    prompts = ids_of(tokenizer)[:4]
+    ours = decode(decoder, prompts, GREEDY)
+    assert [r.token_ids for r in ours] == [hf_greedy(model, p, 20) for p in prompts]
+    assert [r.token_ids for r in decode(decoder, prompts, SAMPLED, batch_size=1)] == [
+        r.token_ids for r in decode(decoder, prompts, SAMPLED)
+    ]
+
+
+def test_other_activations_take_the_generic_path(tokenizer_dir, tmp_path):
+    tokenizer = load_tokenizer(tokenizer_dir)
+    model = _gpt2(tokenizer, tmp_path, "relu")
+    decoder = Decoder(model, tokenizer, ignore_eos=True)
+    assert decoder.path == "generic"
+    prompt = ids_of(tokenizer)[0]
+    assert decode(decoder, [prompt], GREEDY)[0].token_ids == hf_greedy(model, prompt, 20)
+
+
+def test_torchscript_and_python_steps_give_the_same_bits(tiny):
+    """Where TorchScript is missing the same functions run as Python: same ops, same bits."""
+    from llmctl.core.decode import _decode_step, _draw, _left_pad, _scripted
+
+    model, tokenizer = tiny
+    prompts = sorted(ids_of(tokenizer)[:5], key=len, reverse=True)  # mixed lengths: several attention groups
+    feed = torch.randint(0, 256, (len(prompts), 4))
+
+    def run(step_fn):
+        forward = GPT2Forward(model)
+        forward.decode_step = step_fn
+        with torch.inference_mode():
+            ids, mask = _left_pad(prompts, 0, "cpu")
+            out = [forward.prefill(ids, mask, 4)] + [forward.step(feed[:, s]) for s in range(3)]
+        return torch.stack(out)
+
+    scripted = _scripted(_decode_step)
+    assert isinstance(scripted, torch.jit.ScriptFunction)
+    assert torch.equal(run(scripted), run(_decode_step))
+    sampler = Sampler([SAMPLED] * 3, [1, 2, 3], [Request([1], SAMPLED, 0)] * 3, 256, torch.device("cpu"))
+    logits, u = torch.randn(3, 256), torch.rand(3)
+    args = (logits, u, sampler.kmax, sampler.temperature, sampler.k_mask, sampler.top_p)
+    assert torch.equal(sampler.draw(*args), _draw(*args))
+
+
+def test_misaligned_weights_are_realigned_in_place():
+    from llmctl.core.decode import _aligned
+
+    weight = torch.nn.Parameter(torch.randn(65)[1:].view(8, 8))  # 4 bytes past an aligned start
+    values = weight.detach().clone()
+    assert weight.data_ptr() % 64 != 0
+    aligned = _aligned(weight)
+    assert aligned.data_ptr() % 64 == 0 and torch.equal(aligned, values) and not aligned.requires_grad
+    assert weight.data_ptr() == aligned.data_ptr()  # the parameter itself moved: one copy in memory, not two
+    assert _aligned(weight).data_ptr() == aligned.data_ptr()  # a second decoder finds it aligned
+    plain = torch.randn(8, 8)
+    assert _aligned(plain).data_ptr() == plain.data_ptr()  # already aligned: no copy
