@@ -57,20 +57,23 @@ def make_input(mb: int) -> Path:
     return path
 
 
-def measure(argv: list[str], stdin: Path | None = None, stdout=subprocess.DEVNULL) -> dict:
-    """Run argv in a subprocess under the exclusive lock: wall seconds, peak RSS (MB) and its JSON stdout if any."""
-    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+def measure(argv: list[str], stdin: Path | None = None, capture: bool = False, env: dict | None = None) -> dict:
+    """Run argv in a subprocess under the exclusive lock: wall seconds, peak RSS (MB; its own and its workers'),
+    stderr, and with `capture` its (small) stdout."""
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", **(env or {})}
+    stdout = subprocess.PIPE if capture else subprocess.DEVNULL
     with exclusive_cpu():
         started = time.perf_counter()
         with open(stdin, "rb") if stdin else contextlib.nullcontext() as fin:
             proc = subprocess.Popen(argv, stdin=fin, stdout=stdout, stderr=subprocess.PIPE, env=env)
+            out = proc.stdout.read() if capture else b""
             _, status, usage = os.wait4(proc.pid, 0)
             seconds = time.perf_counter() - started
     err = proc.stderr.read().decode()
     code = os.waitstatus_to_exitcode(status)
     if code != 0:
         sys.exit(f"{' '.join(argv)} failed ({code}):\n{err}")
-    return {"seconds": seconds, "rss_mb": usage.ru_maxrss / 1024, "stderr": err}
+    return {"seconds": seconds, "rss_mb": usage.ru_maxrss / 1024, "stderr": err, "stdout": out}
 
 
 def llmctl(*args: str) -> list[str]:
@@ -78,20 +81,10 @@ def llmctl(*args: str) -> list[str]:
 
 
 def prepare(path: Path, out: Path, vocab: int) -> dict:
-    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
     argv = llmctl("preprocess", str(path), "-o", str(out), "--set", f"tokenizer.vocab_size={vocab}", "--force", "-q",
                   "--json")
-    with exclusive_cpu():
-        started = time.perf_counter()
-        proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
-        out_bytes = proc.stdout.read()
-        _, status, usage = os.wait4(proc.pid, 0)
-        seconds = time.perf_counter() - started
-    if os.waitstatus_to_exitcode(status) != 0:
-        sys.exit(f"{' '.join(argv)} failed:\n{proc.stderr.read().decode()}")
-    summary = json.loads(out_bytes)
-    result = {"seconds": seconds, "rss_mb": usage.ru_maxrss / 1024}
-    result["tokens"] = sum(summary["tokens"].values())
+    result = measure(argv, capture=True)
+    result["tokens"] = sum(json.loads(result["stdout"])["tokens"].values())
     return result
 
 
@@ -111,16 +104,9 @@ print(len(ids))
 
 def baseline(path: Path, tokenizer_json: Path) -> dict:
     argv = [sys.executable, "-c", BASELINE, str(path), str(tokenizer_json), str(WORK / "baseline.bin")]
-    env = {**os.environ, "TOKENIZERS_PARALLELISM": "true"}  # let it use both cores
-    with exclusive_cpu():
-        started = time.perf_counter()
-        proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
-        out = proc.stdout.read()
-        _, status, usage = os.wait4(proc.pid, 0)
-        seconds = time.perf_counter() - started
-    if os.waitstatus_to_exitcode(status) != 0:
-        sys.exit(f"baseline failed:\n{proc.stderr.read().decode()}")
-    return {"seconds": seconds, "rss_mb": usage.ru_maxrss / 1024, "tokens": int(out)}
+    result = measure(argv, capture=True, env={"TOKENIZERS_PARALLELISM": "true"})  # let it use both cores
+    result["tokens"] = int(result["stdout"])
+    return result
 
 
 def row(name: str, mb: float, r: dict) -> str:
