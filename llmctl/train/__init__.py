@@ -130,12 +130,7 @@ def _train(cfg: Config, dist: Dist, device: torch.device, *, force: bool, quiet:
         if len(labels) < 2:
             raise DataError(f"{cfg.data.inputs[0]}: classification needs at least 2 labels, found {labels}")
         hf_model, tokenizer = classifier(cfg, labels)
-        positions = max_positions(hf_model)
-        limit = t.context or positions or 512
-        if positions is not None and limit > positions:
-            raise ConfigError(
-                f"train.context: {limit} is longer than the model's {positions} positions (model.n_positions)"
-            )
+        limit = _context(t.context, hf_model, default=512)
         label_id = {label: i for i, label in enumerate(labels)}
         train_ex, val_ex = split_labeled(examples, cfg.data.val_fraction, cfg.run.seed)
 
@@ -150,12 +145,7 @@ def _train(cfg: Config, dist: Dist, device: torch.device, *, force: bool, quiet:
     else:
         data, tokenizer, meta, data_hash = load_token_data(cfg, dist, quiet)
         hf_model = causal_lm(cfg, tokenizer, meta)
-        positions = max_positions(hf_model)
-        context = t.context or positions or 1024
-        if positions is not None and context > positions:
-            raise ConfigError(
-                f"train.context: {context} is longer than the model's {positions} positions (model.n_positions)"
-            )
+        context = _context(t.context, hf_model, default=1024)
         data.context = context
         global_tokens = t.batch_size * t.grad_accum * context
         if len(data.train) < max(global_tokens, context) + 1:
@@ -299,11 +289,7 @@ def _loop(ctx: Run, data, dtype, context: int, global_batch: int, per_step: int,
         return estimate_loss(model, data, eval_specs, device, autocast, dist, shard=not ctx.fsdp) if eval_specs else {}
 
     def save(step: int, val: dict[str, float]) -> None:
-        if val.get("val_loss") is not None and (
-            counters["best_val_loss"] is None or val["val_loss"] < counters["best_val_loss"]
-        ):
-            counters.update(best_val_loss=val["val_loss"], best_step=step,
-                            best_checkpoint=ckpt.checkpoint_path(ctx.ckpt_dir, step).name)
+        _note_best(counters, step, val, ctx.ckpt_dir)
         save_checkpoint(ctx, step, val)
 
     from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeRemainingColumn
@@ -408,9 +394,7 @@ def _loop(ctx: Run, data, dtype, context: int, global_batch: int, per_step: int,
             final = evaluate()
             if final:
                 metrics.write({"step": counters["step"], "elapsed": round(counters["elapsed"], 3), **_rounded(final)})
-                if counters["best_val_loss"] is None or final["val_loss"] < counters["best_val_loss"]:
-                    counters.update(best_val_loss=final["val_loss"], best_step=counters["step"],
-                                    best_checkpoint=ckpt.checkpoint_path(ctx.ckpt_dir, counters["step"]).name)
+                _note_best(counters, counters["step"], final, ctx.ckpt_dir)
         else:  # resumed a finished run: report what it recorded
             meta = ckpt.read_meta(ckpt.latest_checkpoint(ctx.ckpt_dir))
             final = {k: meta[k] for k in ("val_loss", "val_accuracy") if k in meta}
@@ -420,6 +404,26 @@ def _loop(ctx: Run, data, dtype, context: int, global_batch: int, per_step: int,
     if final.get("val_loss") is not None:
         log.info("step %d: val loss %.4f", counters["step"], final["val_loss"])
     return {"final": final, "loss": last_loss, "stopped_by": stopped_by, "steps_run": steps_run}
+
+
+def _context(asked: int | None, model: torch.nn.Module, default: int) -> int:
+    """Sequence length: train.context, else the model's positions; longer than its positions is an error."""
+    positions = max_positions(model)
+    context = asked or positions or default
+    if positions is not None and context > positions:
+        raise ConfigError(
+            f"train.context: {context} is longer than the model's {positions} positions (model.n_positions)"
+        )
+    return context
+
+
+def _note_best(counters: dict[str, Any], step: int, val: dict[str, float], ckpt_dir: Path) -> None:
+    """Record `step` as the best so far when its validation loss is the lowest yet."""
+    if val.get("val_loss") is not None and (
+        counters["best_val_loss"] is None or val["val_loss"] < counters["best_val_loss"]
+    ):
+        counters.update(best_val_loss=val["val_loss"], best_step=step,
+                        best_checkpoint=ckpt.checkpoint_path(ckpt_dir, step).name)
 
 
 def _limits(cfg: Config, data, per_step: int) -> dict[str, int]:
