@@ -183,6 +183,8 @@ def _train_summary(result: dict[str, Any], quiet: bool) -> None:
     from llmctl.core.console import stderr_console
 
     def fmt(value: Any) -> str:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return f"{value:,}"
         if isinstance(value, float):
             return f"{value:,.0f}" if abs(value) >= 100 else f"{value:.4f}"
         return "-" if value is None else str(value)
