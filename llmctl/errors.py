@@ -14,6 +14,12 @@ EXIT_GATE_FAILED = 3  # `llmctl eval` ran fine but a --fail-under/--fail-over ga
 EXIT_INTERRUPTED = 75  # SIGINT/SIGTERM during training: a checkpoint was saved, rerun with --resume (EX_TEMPFAIL)
 
 
+def first_line(exc: BaseException) -> str:
+    """The first line of an exception's message (library messages run long), or its type when it has none."""
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
 class LlmctlError(Exception):
     """Base class of every error the CLI reports as `Error: <message>` and exit code `exit_code`."""
 

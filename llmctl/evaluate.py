@@ -34,7 +34,7 @@ from llmctl.core.metrics import (
     gate_values,
     lm_metrics,
 )
-from llmctl.errors import ConfigError, DataError, ModelError
+from llmctl.errors import ConfigError, DataError, ModelError, first_line
 
 if TYPE_CHECKING:
     import torch
@@ -91,7 +91,7 @@ def _model_kind(name: str, trust_remote_code: bool) -> str:
             source.ref, local_files_only=source.local_files_only, trust_remote_code=trust_remote_code
         )
     except (OSError, ValueError, KeyError) as exc:
-        raise ModelError(f"cannot read the config of model {name}: {_first_line(exc)}") from None
+        raise ModelError(f"cannot read the config of model {name}: {first_line(exc)}") from None
     architectures = getattr(config, "architectures", None) or []
     return "classification" if any(a.endswith("ForSequenceClassification") for a in architectures) else "causal_lm"
 
@@ -126,15 +126,6 @@ def _load_model(name: str, task: str, cfg: Config, device: torch.device, dtype: 
     return model.to(device).eval()
 
 
-def _max_positions(model) -> int | None:
-    config = model.config
-    for key in ("max_position_embeddings", "n_positions", "n_ctx", "max_sequence_length"):
-        value = getattr(config, key, None)
-        if isinstance(value, int) and value > 0:
-            return value
-    return None
-
-
 def _settings(device: torch.device, dtype: torch.dtype, **extra: Any) -> dict[str, Any]:
     return {**extra, "device": str(device), "dtype": str(dtype).removeprefix("torch.")}
 
@@ -156,6 +147,7 @@ class _Stream:
 
 def _eval_lm(cfg: Config, name: str, device: torch.device, dtype: torch.dtype, quiet: bool) -> dict[str, Any]:
     from llmctl.core.console import make_progress
+    from llmctl.core.model import max_positions
     from llmctl.core.scoring import sliding_windows, token_nll
 
     ec = cfg.eval
@@ -168,10 +160,10 @@ def _eval_lm(cfg: Config, name: str, device: torch.device, dtype: torch.dtype, q
         )
     check_gates(ec.fail_under, ec.fail_over, gate_names("lm"))
     model = _load_model(name, "causal_lm", cfg, device, dtype)
-    max_positions = _max_positions(model)
-    context = ec.context or min(max_positions or MAX_DEFAULT_CONTEXT, MAX_DEFAULT_CONTEXT)
-    if max_positions and context > max_positions:
-        raise ConfigError(f"eval.context: {context} is longer than model {name} allows ({max_positions} positions)")
+    positions = max_positions(model)
+    context = ec.context or min(positions or MAX_DEFAULT_CONTEXT, MAX_DEFAULT_CONTEXT)
+    if positions and context > positions:
+        raise ConfigError(f"eval.context: {context} is longer than model {name} allows ({positions} positions)")
     stride = ec.stride or max(1, context // 2)
     if stride > context:
         raise ConfigError(f"eval.stride: {stride} is longer than the context ({context}); tokens would be skipped")
@@ -344,7 +336,7 @@ def _unknown_label(label: str, known: Sequence[str]) -> str:
 
 def _eval_head(cfg: Config, name: str, device: torch.device, dtype: torch.dtype, quiet: bool) -> dict[str, Any]:
     from llmctl.core.inputs import display_name
-    from llmctl.core.model import load_tokenizer
+    from llmctl.core.model import load_tokenizer, max_positions
     from llmctl.core.scoring import classifier_logprobs
 
     ec = cfg.eval
@@ -360,7 +352,7 @@ def _eval_head(cfg: Config, name: str, device: torch.device, dtype: torch.dtype,
                 f"({', '.join(labels)}){_unknown_label(ex.label, labels)}"
             )
     tokenizer = load_tokenizer(name, trust_remote_code=cfg.run.trust_remote_code)
-    max_length = ec.context or _max_positions(model) or MAX_DEFAULT_CONTEXT
+    max_length = ec.context or max_positions(model) or MAX_DEFAULT_CONTEXT
     # Special tokens as the tokenizer adds them (none for GPT-2; [CLS]/[SEP] for BERT-style classifiers).
     inputs = tokenizer([ex.text for ex in examples], truncation=True, max_length=max_length,
                        return_attention_mask=False)["input_ids"]
@@ -383,7 +375,7 @@ def _eval_head(cfg: Config, name: str, device: torch.device, dtype: torch.dtype,
 
 def _eval_zero_shot(cfg: Config, name: str, device: torch.device, dtype: torch.dtype, quiet: bool) -> dict[str, Any]:
     from llmctl.core.inputs import display_name
-    from llmctl.core.model import load_tokenizer
+    from llmctl.core.model import load_tokenizer, max_positions
     from llmctl.core.scoring import continuation_logprobs
 
     ec = cfg.eval
@@ -415,7 +407,7 @@ def _eval_zero_shot(cfg: Config, name: str, device: torch.device, dtype: torch.d
     for label, ids in zip(labels, continuations):
         if not ids:
             raise ConfigError(f"eval.verbalizers.{label}: encodes to no tokens")
-    context = ec.context or _max_positions(model) or MAX_DEFAULT_CONTEXT
+    context = ec.context or max_positions(model) or MAX_DEFAULT_CONTEXT
     budget = context - max(len(c) for c in continuations)
     if budget < 1:
         raise ConfigError(f"eval.verbalizers: the longest verbalizer does not fit in the context ({context} tokens)")
@@ -662,8 +654,3 @@ def _show(value: Any) -> str:
     if isinstance(value, int):
         return f"{value:,}"
     return str(value)
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc)
-    return text.splitlines()[0] if text else type(exc).__name__

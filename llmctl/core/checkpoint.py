@@ -19,7 +19,7 @@ from safetensors.torch import load_model as load_safetensors_model
 from safetensors.torch import save_model as save_safetensors_model
 
 from llmctl.core.files import atomic_dir
-from llmctl.errors import CheckpointError
+from llmctl.errors import CheckpointError, first_line
 
 WEIGHTS = "model.safetensors"
 STATE = "state.pt"
@@ -71,7 +71,7 @@ def load_checkpoint_fsdp(path: Path, model: torch.nn.Module, optimizers: list) -
     except FileNotFoundError as exc:
         raise CheckpointError(f"checkpoint {path} is incomplete: {Path(exc.filename or '?').name} is missing") from None
     except Exception as exc:
-        raise CheckpointError(f"checkpoint {path} is corrupted: {_first_line(exc)}") from None
+        raise CheckpointError(f"checkpoint {path} is corrupted: {first_line(exc)}") from None
     options = StateDictOptions(full_state_dict=True, strict=False)
     set_model_state_dict(model, weights, options=options)
     for opt, sub in zip(optimizers, state["optimizer"]["optimizers"], strict=True):
@@ -99,7 +99,7 @@ def load_checkpoint(path: Path, model: torch.nn.Module, map_location: str | torc
     except FileNotFoundError:
         raise CheckpointError(f"checkpoint {path} is incomplete: {WEIGHTS} is missing") from None
     except (SafetensorError, OSError, RuntimeError, ValueError) as exc:
-        raise CheckpointError(f"checkpoint {path} is corrupted: {WEIGHTS}: {_first_line(exc)}") from None
+        raise CheckpointError(f"checkpoint {path} is corrupted: {WEIGHTS}: {first_line(exc)}") from None
     if missing or unexpected:
         raise CheckpointError(
             f"checkpoint {path} does not fit this model (missing {sorted(missing)[:3]}, unexpected "
@@ -110,7 +110,7 @@ def load_checkpoint(path: Path, model: torch.nn.Module, map_location: str | torc
     except FileNotFoundError:
         raise CheckpointError(f"checkpoint {path} is incomplete: {STATE} is missing") from None
     except Exception as exc:  # torch.load raises many types on a truncated or foreign file
-        raise CheckpointError(f"checkpoint {path} is corrupted: {STATE}: {_first_line(exc)}") from None
+        raise CheckpointError(f"checkpoint {path} is corrupted: {STATE}: {first_line(exc)}") from None
     return state, meta
 
 
@@ -151,8 +151,3 @@ def prune_checkpoints(root: Path, keep: int, protect: tuple[Path | None, ...] = 
     for path in doomed:
         shutil.rmtree(path, ignore_errors=True)
     return doomed
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__

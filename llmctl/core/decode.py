@@ -29,6 +29,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from llmctl.core.model import max_positions
+
 log = logging.getLogger(__name__)
 
 
@@ -108,7 +110,7 @@ class Decoder:
         vocab = model.get_output_embeddings().weight.shape[0]
         self.vocab_size = vocab
         self.eos_ids = set() if ignore_eos else _eos_ids(model, tokenizer, vocab)
-        self.context_length = _context_length(model.config)
+        self.context_length = max_positions(model)
         self.pad_id = next(iter(self.eos_ids), None) or tokenizer.pad_token_id or 0
 
     @property
@@ -194,14 +196,6 @@ def _eos_ids(model, tokenizer, vocab: int) -> set[int]:
         elif isinstance(value, (list, tuple)):
             ids.update(v for v in value if isinstance(v, int))
     return {i for i in ids if 0 <= i < vocab}  # GPT2Config's default 50256 is out of range for small vocabularies
-
-
-def _context_length(config) -> int | None:
-    for name in ("n_positions", "max_position_embeddings", "n_ctx", "seq_length"):
-        value = getattr(config, name, None)
-        if isinstance(value, int) and value > 0:
-            return value
-    return None
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from llmctl.core.hub import locate
-from llmctl.errors import ModelError
+from llmctl.errors import ModelError, first_line
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
@@ -106,14 +106,11 @@ def load_model(
             dtype=dtype,
             **kwargs,
         )
-    except ValueError as exc:
-        message = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        if "trust_remote_code" in str(exc):
+    except (ValueError, OSError, RuntimeError, KeyError) as exc:
+        message = first_line(exc)
+        if isinstance(exc, ValueError) and "trust_remote_code" in str(exc):
             message = "it ships its own code; set run.trust_remote_code: true if you trust it"
         raise ModelError(f"cannot load model {name}: {message}") from None
-    except (OSError, RuntimeError, KeyError) as exc:
-        first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        raise ModelError(f"cannot load model {name}: {first}") from None
 
 
 def load_tokenizer(name: str | Path, *, trust_remote_code: bool = False) -> PreTrainedTokenizerBase:
@@ -126,8 +123,16 @@ def load_tokenizer(name: str | Path, *, trust_remote_code: bool = False) -> PreT
             source.ref, local_files_only=source.local_files_only, trust_remote_code=trust_remote_code
         )
     except (OSError, ValueError, KeyError) as exc:
-        first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        raise ModelError(f"cannot load the tokenizer of {name}: {first}") from None
+        raise ModelError(f"cannot load the tokenizer of {name}: {first_line(exc)}") from None
+
+
+def max_positions(model: torch.nn.Module) -> int | None:
+    """The longest sequence the model can take, from whichever key its config uses; None when it names none."""
+    for key in ("n_positions", "max_position_embeddings", "n_ctx", "seq_length", "max_sequence_length"):
+        value = getattr(model.config, key, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    return None
 
 
 def count_parameters(model: torch.nn.Module) -> int:

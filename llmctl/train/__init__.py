@@ -53,7 +53,7 @@ from llmctl.train.data import (
     load_token_data,
     split_labeled,
 )
-from llmctl.train.model import causal_lm, classifier, max_positions, wrap
+from llmctl.train.model import causal_lm, classifier, wrap
 from llmctl.train.rundir import (
     CHECKPOINTS,
     CONFIG_FILE,
@@ -408,6 +408,8 @@ def _loop(ctx: Run, data, dtype, context: int, global_batch: int, per_step: int,
 
 def _context(asked: int | None, model: torch.nn.Module, default: int) -> int:
     """Sequence length: train.context, else the model's positions; longer than its positions is an error."""
+    from llmctl.core.model import max_positions
+
     positions = max_positions(model)
     context = asked or positions or default
     if positions is not None and context > positions:

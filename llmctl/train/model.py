@@ -84,15 +84,6 @@ def classifier(cfg: Config, labels: list[str]):
     return model, tokenizer
 
 
-def max_positions(model) -> int | None:
-    config = model.config
-    for name in ("n_positions", "max_position_embeddings"):
-        value = getattr(config, name, None)
-        if isinstance(value, int) and value > 0:
-            return value
-    return None
-
-
 def wrap(objective: torch.nn.Module, cfg: Config, dist: Dist, device: torch.device) -> torch.nn.Module:
     """DDP or FSDP under torchrun, then torch.compile if asked."""
     if dist.enabled and cfg.train.fsdp:
