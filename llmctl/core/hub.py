@@ -7,6 +7,7 @@ message saying what to pass instead.
 
 from __future__ import annotations
 
+import functools
 import os
 import socket
 from dataclasses import dataclass
@@ -82,12 +83,18 @@ def _offline() -> bool:
     return any(flag in ("1", "true", "yes", "on") for flag in flags)
 
 
-def _hub_reachable(timeout: float = 3.0) -> bool:
+def _hub_reachable() -> bool:
     if any(os.environ.get(v) for v in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy")):
         return True  # a proxy decides; let the real request try
     endpoint = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co"))
     host = endpoint.hostname or "huggingface.co"
     port = endpoint.port or (443 if endpoint.scheme == "https" else 80)
+    return _can_connect(host, port)
+
+
+@functools.lru_cache(maxsize=8)
+def _can_connect(host: str, port: int, timeout: float = 3.0) -> bool:
+    """Probed once per process: a command resolves the same name for its config, tokenizer and weights."""
     try:
         with socket.create_connection((host, port), timeout=timeout):
             return True
