@@ -371,11 +371,11 @@ def main(argv: list[str] | None = None) -> int:
     args = sys.argv[1:] if argv is None else list(argv)
     debug = os.environ.get("LLMCTL_DEBUG", "") not in ("", "0")
     command = typer.main.get_command(app)
+    # Typer itself turns typer.Exit into the returned code, Ctrl-C into 130 and a broken pipe into 1 (which
+    # _stdout_guard pre-empts where we write), so those never reach the handlers below.
     try:
         code = command.main(args or ["--help"], prog_name="llmctl", standalone_mode=False)
         return code if isinstance(code, int) else EXIT_OK
-    except typer.Exit as exc:
-        return exc.exit_code
     except typer.TyperException as exc:  # usage errors (exit_code 2) and bad file options (1), already worded
         show = getattr(exc, "show", None)
         if show is not None:
@@ -390,13 +390,7 @@ def main(argv: list[str] | None = None) -> int:
             traceback.print_exc()
         _error(str(exc))
         return exc.exit_code
-    except BrokenPipeError:
-        # The reader went away (`| head -1`): not an error for a filter. Point stdout at /dev/null so the
-        # interpreter's final flush does not raise again.
-        devnull = os.open(os.devnull, os.O_WRONLY)
-        os.dup2(devnull, sys.stdout.fileno())
-        return EXIT_OK
-    except (KeyboardInterrupt, typer.Abort):
+    except typer.Abort:  # end of input at a prompt
         _error("interrupted")
         return 130
     except MemoryError:

@@ -40,12 +40,6 @@ class ConfigError(LlmctlError):
         super().__init__(message)
 
 
-class UsageError(LlmctlError):
-    """Flags that cannot go together, or a flag value the command line parser could not check by itself."""
-
-    exit_code = EXIT_USAGE
-
-
 class DataError(LlmctlError):
     """Input data is missing, unreadable, malformed or empty. Messages name the file (and line where known)."""
 
@@ -60,16 +54,6 @@ class CheckpointError(ModelError):
 
 class TrainingError(LlmctlError):
     """Training cannot start or go on: the run directory holds another run, the loss diverged, memory ran out."""
-
-
-class GateFailed(LlmctlError):
-    """Evaluation finished but one or more metric gates failed. The result is still printed before exiting."""
-
-    exit_code = EXIT_GATE_FAILED
-
-    def __init__(self, message: str, result: object = None):
-        super().__init__(message)
-        self.result = result
 
 
 class Interrupted(LlmctlError):

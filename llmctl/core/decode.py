@@ -474,7 +474,6 @@ class GPT2Forward:
         return max(batch, self.MIN_ROWS) if self.invariant else batch
 
     def _arrange(self) -> None:
-        self.batch = len(self.starts)
         self.groups = [list(run) for run in _runs(self.starts)]
 
     def _prefill_row(self, ids: torch.Tensor, row: int, start: int) -> torch.Tensor:

@@ -4,7 +4,6 @@ and line. Shared by every command that reads text."""
 from __future__ import annotations
 
 import gzip
-import io
 import json
 import sys
 from collections.abc import Iterator
@@ -42,11 +41,6 @@ def open_binary(path: str | Path) -> IO[bytes]:
     if f.peek(2)[:2] == GZIP_MAGIC:
         return gzip.GzipFile(fileobj=f, mode="rb")
     return f
-
-
-def open_text(path: str | Path, errors: str = "strict") -> IO[str]:
-    """Open for reading UTF-8 text; universal newlines turn CRLF and CR into LF."""
-    return io.TextIOWrapper(open_binary(path), encoding="utf-8", errors=errors, newline=None)
 
 
 def read_text(path: str | Path) -> str:

@@ -200,12 +200,6 @@ class Cleaner:
 
     # -- stages 8-11 -------------------------------------------------------------------------------------------
 
-    def nlp_stages(self, doc: Doc, counters: Counter) -> None:
-        if self.nlp is None:
-            return
-        doc.texts = [self.nlp(t, counters) for t in doc.texts]
-        self._drop(doc, lambda t: not t, "empty_after_nlp", counters)
-
 
 def _paragraphs(text: str, cont: bool, is_open: bool) -> list[str]:
     """Split at blank lines. Line ends at either end of the chunk belong to the paragraph break, except on the side

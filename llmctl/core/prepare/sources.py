@@ -32,7 +32,6 @@ BUILTINS = (PYDOC_TOPICS,)
 # A paragraph break: a line end, then one or more blank (whitespace-only) lines. Bytes, before decoding: CRLF and
 # lone CR count as line ends too.
 _PARAGRAPH_BREAK = re.compile(rb"(?:\r?\n|\r)(?:[ \t]*(?:\r?\n|\r))+")
-_NEWLINE = re.compile(rb"\r?\n|\r")
 
 
 @dataclass
@@ -387,7 +386,3 @@ def _piece_cut(buf: bytes, chunk_bytes: int) -> int:
     if buf[p - 1 : p] == b"\r" and buf[p : p + 1] == b"\n":
         p -= 1
     return p
-
-
-def split_lines(data: bytes) -> list[bytes]:
-    return _NEWLINE.split(data)
