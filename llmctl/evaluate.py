@@ -260,12 +260,12 @@ def _same_tokenizer(data_dir: Path, name: str):
 def _text_stream(cfg: Config, path: str, name: str) -> _Stream:
     """A text file (one document) or JSONL file (one document per line, in data.text_field), tokenized with the
     model's tokenizer. Documents are joined by the end-of-text token, as preprocess joins them in the shards."""
-    from llmctl.core.inputs import display_name, iter_jsonl, read_text
+    from llmctl.core.inputs import display_name, input_format, iter_jsonl, read_text
     from llmctl.core.model import load_tokenizer
 
     tokenizer = load_tokenizer(name, trust_remote_code=cfg.run.trust_remote_code)
     source = display_name(path)
-    if _is_jsonl(path, cfg.data.format):
+    if input_format(path, cfg.data.format) == "jsonl":
         field = cfg.data.text_field
         documents = []
         for number, obj in iter_jsonl(path):
@@ -292,12 +292,6 @@ def _text_stream(cfg: Config, path: str, name: str) -> _Stream:
         ids = ids[:max_tokens]
         n_bytes = _decoded_bytes(tokenizer, ids)
     return _Stream(ids, n_bytes, bos if bos is not None else eos, source)
-
-
-def _is_jsonl(path: str, fmt: str) -> bool:
-    if fmt != "auto":
-        return fmt == "jsonl"
-    return str(path).endswith((".jsonl", ".jsonl.gz"))
 
 
 def _encode(tokenizer, text: str | list[str]) -> list[int] | list[list[int]]:

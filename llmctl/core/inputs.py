@@ -21,6 +21,14 @@ def display_name(path: str | Path) -> str:
     return "<stdin>" if str(path) == STDIN else str(path)
 
 
+def input_format(path: str | Path, fmt: str = "auto") -> str:
+    """`jsonl` or `txt`: `fmt` (data.format) when it is not `auto`, else by the file name's extension."""
+    if fmt != "auto":
+        return fmt
+    name = Path(path).name.lower()
+    return "jsonl" if name.endswith((".jsonl", ".jsonl.gz", ".ndjson", ".ndjson.gz")) else "txt"
+
+
 def open_binary(path: str | Path) -> IO[bytes]:
     """Open a file, a gzip file (recognised by its first bytes, whatever its name) or stdin, for reading bytes."""
     if str(path) == STDIN:

@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import IO
 
 from llmctl.core.files import sha256_file
-from llmctl.core.inputs import GZIP_MAGIC, STDIN, open_binary
+from llmctl.core.inputs import STDIN, input_format, open_binary
 from llmctl.errors import DataError
 
 PYDOC_TOPICS = "stdlib:pydoc-topics"
@@ -83,9 +83,9 @@ def _expand_path(spec: str, globs: list[str], fmt: str) -> list[Source]:
         found = sorted({p for pattern in globs for p in path.rglob(pattern) if p.is_file() and not _hidden(p, path)})
         if not found:
             raise DataError(f"{spec}: no files matching {', '.join(globs)} (data.glob) in this directory")
-        return [Source(str(p), "file", _format_of(p, fmt), p) for p in found]
+        return [Source(str(p), "file", input_format(p, fmt), p) for p in found]
     if path.is_file():
-        return [Source(spec, "file", _format_of(path, fmt), path)]
+        return [Source(spec, "file", input_format(path, fmt), path)]
     if path.exists():
         raise DataError(f"{spec}: not a regular file or directory")
     if any(ch in spec for ch in "*?["):
@@ -93,7 +93,7 @@ def _expand_path(spec: str, globs: list[str], fmt: str) -> list[Source]:
         files = [p for p in matches if p.is_file()]
         if not files:
             raise DataError(f"{spec}: no file matches this pattern")
-        return [Source(str(p), "file", _format_of(p, fmt), p) for p in files]
+        return [Source(str(p), "file", input_format(p, fmt), p) for p in files]
     raise DataError(f"{spec}: no such file or directory")
 
 
@@ -101,11 +101,6 @@ def _hidden(path: Path, root: Path) -> bool:
     return any(part.startswith(".") for part in path.relative_to(root).parts)
 
 
-def _format_of(path: Path, fmt: str) -> str:
-    if fmt != "auto":
-        return fmt
-    name = path.name.lower()
-    return "jsonl" if name.endswith((".jsonl", ".jsonl.gz", ".ndjson", ".ndjson.gz")) else "txt"
 
 
 def _builtin(spec: str) -> Source:
@@ -214,7 +209,7 @@ def _source_chunks(source: Source, number: int, mode: str, chunk_bytes: int, str
         return
     if source.kind == "stdin" and source.spool is None:
         counter = _CountingHasher()
-        blocks = _read_blocks(_stdin(), chunk_bytes, counter)
+        blocks = _read_blocks(open_binary(STDIN), chunk_bytes, counter)
         ready = stdin_has_data if streaming else (lambda: True)
         yield from _cut(blocks, source, number, mode, chunk_bytes, lambda: not ready())
         source.sha256, source.size = counter.hasher.hexdigest(), counter.nbytes
@@ -242,10 +237,6 @@ def _source_chunks(source: Source, number: int, mode: str, chunk_bytes: int, str
             source.sha256 = hasher.hexdigest()
 
 
-def _stdin() -> IO[bytes]:
-    stream = sys.stdin.buffer
-    head = stream.peek(2)[:2] if hasattr(stream, "peek") else b""
-    return gzip.GzipFile(fileobj=stream) if head == GZIP_MAGIC else stream
 
 
 def stdin_has_data() -> bool:
@@ -289,7 +280,7 @@ def spool_stdin(source: Source, directory: Path) -> None:
     counter = _CountingHasher()
     path = directory / "stdin.spool"
     with open(path, "wb") as out:
-        for block in _read_blocks(_stdin(), 1 << 20, counter):
+        for block in _read_blocks(open_binary(STDIN), 1 << 20, counter):
             out.write(block)
     source.spool, source.sha256, source.size = path, counter.hasher.hexdigest(), counter.nbytes
 
