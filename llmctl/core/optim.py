@@ -8,16 +8,19 @@ formulas and restored exactly on resume.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 
 import torch
 
 from llmctl.config import OptimConfig
 
 
-def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
-    """Two AdamW groups: decayed (dim >= 2) and not decayed (dim < 2). Tied weights are listed once."""
-    params = [p for p in model.parameters() if p.requires_grad]  # .parameters() already skips tied duplicates
+def param_groups(params: torch.nn.Module | Iterable[torch.nn.Parameter], weight_decay: float) -> list[dict]:
+    """Two AdamW groups over a model's (or a list's) parameters: decayed (dim >= 2) and not decayed (dim < 2).
+    Tied weights are listed once."""
+    if isinstance(params, torch.nn.Module):
+        params = params.parameters()  # .parameters() already skips tied duplicates
+    params = [p for p in params if p.requires_grad]
     decay = [p for p in params if p.dim() >= 2]
     no_decay = [p for p in params if p.dim() < 2]
     return [
@@ -46,11 +49,8 @@ def build_optimizer(model: torch.nn.Module, cfg: OptimConfig) -> torch.optim.Opt
             weight_decay=cfg.weight_decay * cfg.lr / cfg.muon_lr,
             adjust_lr_fn="original",
         )
-        groups = [
-            {"params": [p for p in rest if p.dim() >= 2], "weight_decay": cfg.weight_decay},
-            {"params": [p for p in rest if p.dim() < 2], "weight_decay": 0.0},
-        ]
-        return Optimizers([muon, _adamw([g for g in groups if g["params"]], cfg)])
+        groups = [g for g in param_groups(rest, cfg.weight_decay) if g["params"]]
+        return Optimizers([muon, _adamw(groups, cfg)])
     return _adamw(param_groups(model, cfg.weight_decay), cfg)
 
 

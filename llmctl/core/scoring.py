@@ -133,7 +133,7 @@ def continuation_logprobs(
     scores = torch.empty(len(prompts), n_labels, dtype=torch.float64)
     for b in range(0, len(pairs), batch_size):
         chunk = pairs[b : b + batch_size]
-        x, mask = _pad([list(prompts[i]) + list(continuations[j]) for i, j in chunk], pad_id, device)  # (B, T)
+        x, mask = pad_right([list(prompts[i]) + list(continuations[j]) for i, j in chunk], pad_id, device)  # (B, T)
         logits = model(input_ids=x, attention_mask=mask).logits  # (B, T, V)
         for r, (i, j) in enumerate(chunk):
             p, c = len(prompts[i]), len(continuations[j])
@@ -169,7 +169,7 @@ def classifier_logprobs(
     out = []
     for b in range(0, len(inputs), batch_size):
         chunk = inputs[b : b + batch_size]
-        x, mask = _pad(chunk, pad_id, device)
+        x, mask = pad_right(chunk, pad_id, device)
         logits = model(input_ids=x, attention_mask=mask).logits  # (B, num_labels)
         out.append(F.log_softmax(logits.float(), dim=-1).double().cpu())
         if progress is not None:
@@ -177,7 +177,7 @@ def classifier_logprobs(
     return torch.cat(out)
 
 
-def _pad(rows: Sequence[Sequence[int]], pad_id: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+def pad_right(rows: Sequence[Sequence[int]], pad_id: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
     """Right-pad to the longest row: (input_ids, attention_mask), both (B, T)."""
     width = max(len(r) for r in rows)
     x = torch.full((len(rows), width), pad_id, dtype=torch.long)

@@ -18,6 +18,7 @@ from llmctl.core.device import (
     derived_seed,
 )
 from llmctl.core.files import sha256_bytes, sha256_file
+from llmctl.core.scoring import pad_right
 from llmctl.errors import ConfigError
 from llmctl.train.step import barrier
 
@@ -136,14 +137,8 @@ class LabeledData:
         return self._pad([self.val[i] for i in spec["items"]], [self.val_labels[i] for i in spec["items"]], device)
 
     def _pad(self, rows: list[list[int]], labels: list[int], device: torch.device) -> dict[str, torch.Tensor]:
-        width = max(len(r) for r in rows)
-        ids = torch.full((len(rows), width), self.pad_id, dtype=torch.long)
-        mask = torch.zeros((len(rows), width), dtype=torch.long)
-        for i, r in enumerate(rows):  # right padding: the classifier reads the last non-pad token
-            ids[i, : len(r)] = torch.tensor(r)
-            mask[i, : len(r)] = 1
-        return {"input_ids": ids.to(device), "attention_mask": mask.to(device),
-                "labels": torch.tensor(labels, device=device)}
+        ids, mask = pad_right(rows, self.pad_id, device)  # right padding: the classifier reads the last non-pad token
+        return {"input_ids": ids, "attention_mask": mask, "labels": torch.tensor(labels, device=device)}
 
 
 def load_token_data(cfg: Config, dist: Dist, quiet: bool) -> tuple[TokenData | None, Any, Any, str]:
