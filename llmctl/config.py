@@ -11,9 +11,7 @@ from __future__ import annotations
 import ast
 import dataclasses
 import difflib
-import hashlib
 import inspect
-import json
 import math
 import textwrap
 import types
@@ -506,11 +504,6 @@ class Config:
         from llmctl.core.files import atomic_write_text
 
         atomic_write_text(Path(path), self.to_yaml())
-
-    def section_hash(self, *names: str) -> str:
-        """SHA-256 of the named sections, to tell whether a checkpoint or a prepared directory came from them."""
-        subset = {name: dataclasses.asdict(getattr(self, name)) for name in names}
-        return hashlib.sha256(json.dumps(subset, sort_keys=True).encode()).hexdigest()
 
 
 SECTIONS: dict[str, type] = typing.get_type_hints(Config)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import json
 import os
 import shutil
 import tempfile
@@ -91,3 +92,8 @@ def sha256_file(path: Path, chunk_size: int = 1 << 20) -> str:
 
 def sha256_bytes(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
+
+
+def sha256_json(obj: object) -> str:
+    """SHA-256 of a JSON-able value, independent of key order: how settings are fingerprinted."""
+    return sha256_bytes(json.dumps(obj, sort_keys=True).encode())

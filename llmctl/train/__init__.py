@@ -42,7 +42,7 @@ from llmctl.core.device import (
     precision_name,
     set_threads,
 )
-from llmctl.core.files import atomic_write_text
+from llmctl.core.files import atomic_write_text, sha256_json
 from llmctl.errors import ConfigError, DataError, Interrupted, LlmctlError, ModelError, TrainingError
 from llmctl.train.data import (
     LabeledData,
@@ -64,7 +64,6 @@ from llmctl.train.rundir import (
     Run,
     decide_start,
     export,
-    identity_hash,
     load_checkpoint,
     plot_loss,
     read_jsonl,
@@ -182,7 +181,7 @@ def _train(cfg: Config, dist: Dist, device: torch.device, *, force: bool, quiet:
     # run directory
     out_dir = Path(cfg.run.out_dir)
     identity = run_identity(cfg)
-    config_hash = identity_hash(identity)
+    config_hash = sha256_json(identity)
     counters: dict[str, Any] = {"step": 0, "tokens": 0, "elapsed": 0.0, "best_val_loss": None, "best_step": None,
                                 "best_checkpoint": None}
     with run_lock(out_dir, dist.is_main):

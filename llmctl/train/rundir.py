@@ -25,7 +25,7 @@ from llmctl.core.device import (
     rng_state,
     set_rng_state,
 )
-from llmctl.core.files import atomic_write_text, sha256_bytes
+from llmctl.core.files import atomic_write_text
 from llmctl.errors import CheckpointError, TrainingError
 from llmctl.train.step import barrier
 
@@ -48,10 +48,6 @@ def run_identity(cfg: Config) -> dict[str, Any]:
     train = {k: v for k, v in dataclasses.asdict(cfg.train).items() if k not in _FREE_TRAIN_KEYS}
     return {"seed": cfg.run.seed, "model": dataclasses.asdict(cfg.model), "optim": dataclasses.asdict(cfg.optim),
             "train": train}
-
-
-def identity_hash(identity: dict[str, Any]) -> str:
-    return sha256_bytes(json.dumps(identity, sort_keys=True).encode())
 
 
 def _differences(old: dict, new: dict, prefix: str = "") -> list[str]:

@@ -11,7 +11,6 @@ Everything is written into a temporary directory beside `data.dir` that replaces
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import logging
 import math
@@ -26,7 +25,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from llmctl.core.files import atomic_dir, atomic_write_text, sha256_file
+from llmctl.core.files import atomic_dir, atomic_write_text, sha256_file, sha256_json
 from llmctl.core.prepare.clean import Cleaner, nlp_enabled, punkt_parameters, stopword_list
 from llmctl.core.prepare.pipeline import WorkerSpec, chunk_runner, worker_count
 from llmctl.core.prepare.sources import (
@@ -65,7 +64,7 @@ def config_sha256(cfg: Config) -> str:
     }
     if cfg.data.split == "documents":
         shaping["seed"] = cfg.run.seed
-    return hashlib.sha256(json.dumps(shaping, sort_keys=True).encode()).hexdigest()
+    return sha256_json(shaping)
 
 
 # ---------------------------------------------------------------------------------------------------------------
