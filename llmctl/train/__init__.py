@@ -21,7 +21,6 @@ The run directory (`run.out_dir`):
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import math
 import shutil
@@ -42,7 +41,7 @@ from llmctl.core.device import (
     precision_name,
     set_threads,
 )
-from llmctl.core.files import atomic_write_text, sha256_json
+from llmctl.core.files import sha256_json
 from llmctl.errors import ConfigError, DataError, Interrupted, LlmctlError, ModelError, TrainingError
 from llmctl.train.data import (
     LabeledData,
@@ -59,7 +58,6 @@ from llmctl.train.rundir import (
     CONFIG_FILE,
     LOSS_PLOT,
     METRICS_FILE,
-    RUN_FILE,
     MetricsLog,
     Run,
     decide_start,
@@ -71,6 +69,7 @@ from llmctl.train.rundir import (
     run_identity,
     run_lock,
     save_checkpoint,
+    write_run_file,
 )
 from llmctl.train.step import (
     StopSignal,
@@ -219,7 +218,7 @@ def _train(cfg: Config, dist: Dist, device: torch.device, *, force: bool, quiet:
         status = {"status": "running", "config_sha256": config_hash, "data_sha256": data_hash,
                   "identity": identity, "step": counters["step"], "total_steps": total_steps}
         if dist.is_main:
-            atomic_write_text(out_dir / RUN_FILE, json.dumps(status, indent=2) + "\n")
+            write_run_file(out_dir, status)
             cfg.save(out_dir / CONFIG_FILE)
 
         n_params = count_parameters(hf_model)
@@ -262,7 +261,7 @@ def _train(cfg: Config, dist: Dist, device: torch.device, *, force: bool, quiet:
             with contextlib.suppress(Exception):  # a picture is not worth failing a finished run for
                 plot_loss(out_dir / METRICS_FILE, out_dir / LOSS_PLOT)
             status.update(status="finished", step=counters["step"], summary=summary)
-            atomic_write_text(out_dir / RUN_FILE, json.dumps(status, indent=2) + "\n")
+            write_run_file(out_dir, status)
         return summary
 
 
@@ -287,9 +286,13 @@ def _loop(ctx: Run, data, dtype, context: int, global_batch: int, per_step: int,
     def evaluate() -> dict[str, float]:
         return estimate_loss(model, data, eval_specs, device, autocast, dist, shard=not ctx.fsdp) if eval_specs else {}
 
+    saved_at = None
+
     def save(step: int, val: dict[str, float]) -> None:
+        nonlocal saved_at
         _note_best(counters, step, val, ctx.ckpt_dir)
         save_checkpoint(ctx, step, val)
+        saved_at = step
 
     from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeRemainingColumn
 
@@ -372,19 +375,19 @@ def _loop(ctx: Run, data, dtype, context: int, global_batch: int, per_step: int,
                         log.info("%s", note)
                     else:  # above the live bar, not through it
                         progress.console.print(note, highlight=False)
-                    is_best = counters["best_val_loss"] is None or val["val_loss"] < counters["best_val_loss"]
-                    if is_best or (ckpt_interval and step % ckpt_interval == 0):
+                    if _improves(counters, val) or (ckpt_interval and step % ckpt_interval == 0):
                         save(step, val)
             elif ckpt_interval and step % ckpt_interval == 0 and not at_end:
                 save(step, {})
             if record:
                 metrics.write(record)
             if flags[1]:
-                save(step, {})
+                if saved_at != step:  # this step's checkpoint may already be written (with its validation loss)
+                    save(step, {})
                 if dist.is_main:
                     status = read_run_file(ctx.out_dir) or {}
                     status.update(status="interrupted", step=step)
-                    atomic_write_text(ctx.out_dir / RUN_FILE, json.dumps(status, indent=2) + "\n")
+                    write_run_file(ctx.out_dir, status)
                 raise Interrupted(
                     f"interrupted at step {step}; checkpoint saved in {ctx.ckpt_dir}: rerun with --resume to continue"
                 )
@@ -418,11 +421,16 @@ def _context(asked: int | None, model: torch.nn.Module, default: int) -> int:
     return context
 
 
+def _improves(counters: dict[str, Any], val: dict[str, float]) -> bool:
+    """True when `val` holds a validation loss lower than any so far."""
+    return val.get("val_loss") is not None and (
+        counters["best_val_loss"] is None or val["val_loss"] < counters["best_val_loss"]
+    )
+
+
 def _note_best(counters: dict[str, Any], step: int, val: dict[str, float], ckpt_dir: Path) -> None:
     """Record `step` as the best so far when its validation loss is the lowest yet."""
-    if val.get("val_loss") is not None and (
-        counters["best_val_loss"] is None or val["val_loss"] < counters["best_val_loss"]
-    ):
+    if _improves(counters, val):
         counters.update(best_val_loss=val["val_loss"], best_step=step,
                         best_checkpoint=ckpt.checkpoint_path(ckpt_dir, step).name)
 

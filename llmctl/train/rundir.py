@@ -71,6 +71,10 @@ def read_run_file(out_dir: Path) -> dict | None:
         return {}
 
 
+def write_run_file(out_dir: Path, status: dict[str, Any]) -> None:
+    atomic_write_text(out_dir / RUN_FILE, json.dumps(status, indent=2) + "\n")
+
+
 def decide_start(
     out_dir: Path, cfg: Config, identity: dict, config_hash: str, data_hash: str, force: bool
 ) -> Path | None:
