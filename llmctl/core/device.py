@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import functools
 import logging
 import os
 import random
@@ -48,6 +49,7 @@ def _mps_available() -> bool:
 BF16_CPU_MIN_WIDTH = 256
 
 
+@functools.cache
 def cpu_has_fast_bf16() -> bool:
     """True on CPUs with AMX tiles (Intel Sapphire Rapids and later), where bf16 matmuls run several times faster
     than fp32. Without them (AVX2-only CPUs such as Zen3) bf16 matmuls crawl at about 1 GFLOP/s."""

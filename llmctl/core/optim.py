@@ -205,6 +205,7 @@ def lr_at(step: int, cfg: OptimConfig, total_steps: int, peak: float | None = No
 def build_scheduler(
     optimizer: torch.optim.Optimizer, cfg: OptimConfig, total_steps: int
 ) -> torch.optim.lr_scheduler.LambdaLR:
-    """A LambdaLR following `lr_at`, so its state (the step count) checkpoints and resumes like any scheduler."""
+    """A LambdaLR following `lr_at`, for library users who drive a torch scheduler. llmctl's own loop sets the rate
+    from the step with `set_lr` instead, which needs no scheduler state to resume."""
     factor: Callable[[int], float] = lambda step: lr_at(step, cfg, total_steps) / cfg.lr  # noqa: E731
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)

@@ -147,8 +147,18 @@ class Worker:
         return out
 
 
+def doc_hasher(data: bytes = b""):
+    """The hash that identifies a document for dedup. Whole documents are hashed here, documents spanning chunks
+    piece by piece in the writer: both must use this one, or duplicates across the two would be missed."""
+    return hashlib.blake2b(data, digest_size=8)
+
+
+def digest_value(hasher) -> int:
+    return int.from_bytes(hasher.digest(), "little")
+
+
 def _digest(text: str) -> int:
-    return int.from_bytes(hashlib.blake2b(text.encode("utf-8", "surrogatepass"), digest_size=8).digest(), "little")
+    return digest_value(doc_hasher(text.encode("utf-8", "surrogatepass")))
 
 
 def _drop_empty(doc: Doc, digests: np.ndarray | None, counters: Counter) -> np.ndarray | None:

@@ -7,7 +7,6 @@ places the end-of-text id between documents, and judges a document that spans ch
 
 from __future__ import annotations
 
-import hashlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,7 +14,7 @@ from typing import IO
 
 import numpy as np
 
-from llmctl.core.prepare.pipeline import ChunkResult
+from llmctl.core.prepare.pipeline import ChunkResult, digest_value, doc_hasher
 
 
 @dataclass
@@ -70,12 +69,8 @@ class DocumentRules:
         return keep
 
 
-def _span_digest(hasher) -> int:
-    return int.from_bytes(hasher.digest()[:8], "little")
-
-
 def _new_hasher(dedup: bool):
-    return hashlib.blake2b(digest_size=8) if dedup else None
+    return doc_hasher() if dedup else None
 
 
 class ShardWriter:
@@ -121,7 +116,7 @@ class ShardWriter:
             if span.hasher is not None:
                 span.hasher.update(r.piece_texts.get("head", b""))
             if not middle:
-                digest = _span_digest(span.hasher) if span.hasher is not None else None
+                digest = digest_value(span.hasher) if span.hasher is not None else None
                 kept = self.rules.keep_span(span.chars, digest)
                 if not kept:
                     self._truncate(span)
@@ -318,7 +313,7 @@ class TextWriter:
         if self.span_parts is None:
             self.documents += 1
             return self._format(text) + "\n"
-        digest = _span_digest(self.span_hasher) if self.span_hasher is not None else None
+        digest = digest_value(self.span_hasher) if self.span_hasher is not None else None
         whole, self.span_parts = "".join(self.span_parts), None
         if not self.rules.keep_span(self.span_chars, digest):
             return ""
