@@ -133,35 +133,26 @@ def _from_text(path: str, stats: _Stats) -> Iterator[Prompt]:
 
 def _from_lines(g: GenerateConfig, stats: _Stats) -> Iterator[Prompt]:
     """Prompts from a stream of lines (plain or JSONL), skipping empty lines and, with on_error skip, bad ones."""
-    from llmctl.core.inputs import display_name, open_binary
+    from llmctl.core.inputs import display_name, iter_lines
 
     name = display_name(g.input)
     position = 0
-    with open_binary(g.input) as stream:
-        for number, raw in enumerate(stream, start=1):
-            where = f"{name}:{number}"
+    for number, line in iter_lines(g.input, on_error=g.on_error, skipped=stats.malformed):
+        if not line.strip():
+            stats.empty += 1
+            continue
+        text, ident, overrides = line, None, {}
+        if g.input_format == "jsonl":
             try:
-                line = raw.decode("utf-8").rstrip("\r\n")
-                if not line.strip():
-                    stats.empty += 1
-                    continue
-                if g.input_format == "jsonl":
-                    text, ident, overrides = _parse_jsonl(line, where)
-                else:
-                    text, ident, overrides = line, None, {}
+                text, ident, overrides = _parse_jsonl(line, f"{name}:{number}")
             except DataError:
                 if g.on_error != "skip":
                     raise
                 stats.malformed.append(number)
                 continue
-            except UnicodeDecodeError:
-                if g.on_error != "skip":
-                    raise DataError(f"{where}: not UTF-8 text") from None
-                stats.malformed.append(number)
-                continue
-            stats.prompts += 1
-            yield Prompt(position, text, position if ident is None else ident, overrides)
-            position += 1
+        stats.prompts += 1
+        yield Prompt(position, text, position if ident is None else ident, overrides)
+        position += 1
 
 
 def _parse_jsonl(line: str, where: str) -> tuple[str, str | int | None, dict[str, Any]]:

@@ -68,13 +68,20 @@ def _read_all(f: IO[bytes], path: str | Path) -> bytes:
         raise DataError(f"{display_name(path)}: cannot read: {exc}") from None
 
 
-def iter_lines(path: str | Path, errors: str = "strict") -> Iterator[tuple[int, str]]:
-    """(line number from 1, line without its newline), streaming. Invalid UTF-8 is a DataError naming the line."""
+def iter_lines(
+    path: str | Path, errors: str = "strict", on_error: str = "fail", skipped: list[int] | None = None
+) -> Iterator[tuple[int, str]]:
+    """(line number from 1, line without its newline), streaming. Invalid UTF-8 is a DataError naming the line, or
+    with `on_error="skip"` the line is skipped and its number appended to `skipped`."""
     with open_binary(path) as f:
         for number, raw in enumerate(f, start=1):
             try:
                 line = raw.decode("utf-8", errors=errors)
             except UnicodeDecodeError:
+                if on_error == "skip":
+                    if skipped is not None:
+                        skipped.append(number)
+                    continue
                 raise DataError(f"{display_name(path)}:{number}: not UTF-8 text") from None
             yield number, line.rstrip("\r\n")
 
