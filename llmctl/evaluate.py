@@ -323,9 +323,14 @@ def _labeled_examples(cfg: Config):
     return examples
 
 
-def _unknown_label(label: str, known: Sequence[str]) -> str:
-    close = difflib.get_close_matches(label, list(known), n=1, cutoff=0.6)
-    return f"; did you mean {close[0]!r}?" if close else ""
+def _require_known(items: Sequence, known: Sequence[str], source: str, what: str, noun: str = "label") -> None:
+    """Every item's `.label` must be in `known`; the first that is not is a DataError naming its line:
+    `{source}:{line}: {noun} 'x' {what}`, with a did-you-mean."""
+    for item in items:
+        if item.label not in known:
+            close = difflib.get_close_matches(item.label, list(known), n=1, cutoff=0.6)
+            hint = f"; did you mean {close[0]!r}?" if close else ""
+            raise DataError(f"{source}:{item.line}: {noun} {item.label!r} {what}{hint}")
 
 
 def _eval_head(cfg: Config, name: str, device: torch.device, dtype: torch.dtype, quiet: bool) -> dict[str, Any]:
@@ -339,12 +344,7 @@ def _eval_head(cfg: Config, name: str, device: torch.device, dtype: torch.dtype,
     check_gates(ec.fail_under, ec.fail_over, gate_names("classification", labels))
     examples = _labeled_examples(cfg)
     source = display_name(ec.input)
-    for ex in examples:
-        if ex.label not in labels:
-            raise DataError(
-                f"{source}:{ex.line}: label {ex.label!r} is not one of model {name}'s labels "
-                f"({', '.join(labels)}){_unknown_label(ex.label, labels)}"
-            )
+    _require_known(examples, labels, source, f"is not one of model {name}'s labels ({', '.join(labels)})")
     tokenizer = load_tokenizer(name, trust_remote_code=cfg.run.trust_remote_code)
     max_length = ec.context or max_positions(model) or MAX_DEFAULT_CONTEXT
     # Special tokens as the tokenizer adds them (none for GPT-2; [CLS]/[SEP] for BERT-style classifiers).
@@ -376,17 +376,10 @@ def _eval_zero_shot(cfg: Config, name: str, device: torch.device, dtype: torch.d
     examples = _labeled_examples(cfg)
     source = display_name(ec.input)
     labels = list(ec.labels) or list(ec.verbalizers) or sorted({ex.label for ex in examples})
-    for ex in examples:
-        if ec.verbalizers and ex.label not in ec.verbalizers:
-            raise DataError(
-                f"{source}:{ex.line}: label {ex.label!r} has no verbalizer in eval.verbalizers "
-                f"(it maps {', '.join(ec.verbalizers)}){_unknown_label(ex.label, list(ec.verbalizers))}"
-            )
-        if ex.label not in labels:
-            raise DataError(
-                f"{source}:{ex.line}: label {ex.label!r} is not in eval.labels ({', '.join(labels)})"
-                f"{_unknown_label(ex.label, labels)}"
-            )
+    if ec.verbalizers:
+        _require_known(examples, list(ec.verbalizers), source,
+                       f"has no verbalizer in eval.verbalizers (it maps {', '.join(ec.verbalizers)})")
+    _require_known(examples, labels, source, f"is not in eval.labels ({', '.join(labels)})")
     if len(labels) < 2:
         raise DataError(
             f"{source}: every example has the label {labels[0]!r}; zero-shot scoring needs at least two labels "
@@ -510,17 +503,11 @@ def _eval_files(cfg: Config) -> dict[str, Any]:
 
     if ec.labels:
         labels, where = list(ec.labels), f"eval.labels ({', '.join(ec.labels)})"
-        for entry in refs:
-            if entry.label not in labels:
-                raise DataError(f"{ref_name}:{entry.line}: label {entry.label!r} is not in {where}"
-                                f"{_unknown_label(entry.label, labels)}")
+        _require_known(refs, labels, ref_name, f"is not in {where}")
     else:
         labels = sorted({entry.label for entry in refs})
         where = f"the references ({ref_name} has: {', '.join(labels)})"
-    for entry in preds:
-        if entry.label not in labels:
-            raise DataError(f"{pred_name}:{entry.line}: predicted label {entry.label!r} does not occur in {where}"
-                            f"{_unknown_label(entry.label, labels)}")
+    _require_known(preds, labels, pred_name, f"does not occur in {where}", noun="predicted label")
     check_gates(ec.fail_under, ec.fail_over, gate_names("classification", labels))
     gold, predicted = [e.label for e in refs], [e.label for e in preds]
     if ec.predictions_out:
