@@ -222,16 +222,19 @@ def _split_stream(cfg: Config, data_dir: Path, name: str, model) -> _Stream:
     split = cfg.eval.split
     meta = read_meta(data_dir)
     ids = open_split(data_dir, split, meta)
+    truncated = bool(cfg.eval.max_tokens) and len(ids) > cfg.eval.max_tokens
+    if truncated:
+        ids = ids[: cfg.eval.max_tokens]
     vocab = model.get_input_embeddings().num_embeddings
-    if int(ids.max()) >= vocab:
+    top = int(ids.max())  # one pass over the (memory-mapped) tokens that will be scored
+    if top >= vocab:
         raise DataError(
-            f"{data_dir}/{split}.bin holds token id {int(ids.max())} but model {name} knows {vocab} ids; "
+            f"{data_dir}/{split}.bin holds token id {top} but model {name} knows {vocab} ids; "
             "the data was prepared with another tokenizer"
         )
     data_tokenizer = _same_tokenizer(data_dir, name)
     n_bytes = meta.bytes.get(split)
-    if cfg.eval.max_tokens and len(ids) > cfg.eval.max_tokens:
-        ids = ids[: cfg.eval.max_tokens]
+    if truncated:
         n_bytes = _decoded_bytes(data_tokenizer, ids) if data_tokenizer is not None else None
     return _Stream(ids, n_bytes, meta.eos_token_id, str(data_dir), split)
 
