@@ -43,8 +43,13 @@ def main() -> None:
         build_model(shape, len(tokenizer), tokenizer.eos_token_id).save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
         tokenizer = load_tokenizer(tmp)
-        model = load_model(tmp).eval()
-    model.generation_config.eos_token_id = None  # random weights: make every run exactly new_tokens long
+        model = load_model(tmp).eval()  # for llmctl, which may re-lay out its weights in place
+        baseline = load_model(tmp).eval()  # for model.generate, untouched but for 64-byte-aligned copies (as ours)
+    with torch.no_grad():
+        for p in baseline.parameters():
+            p.data = p.data.clone()
+    for m in (model, baseline):
+        m.generation_config.eos_token_id = None  # random weights: make every run exactly new_tokens long
     n_params = sum(p.numel() for p in model.parameters())
     print(f"GPT-2 {args.layers} layers x {args.width} wide, {n_params / 1e6:.1f}M parameters, vocab {len(tokenizer)}; "
           f"{args.prompt_tokens}-token prompts, {args.new_tokens} new tokens; torch threads {torch.get_num_threads()}")
@@ -62,7 +67,7 @@ def main() -> None:
         for label, batch in (("batch 1", prompts[:1]), ("batch 8", prompts), ("batch 8 mixed", mixed)):
             hf, ours, fast = best_of(
                 args.repeats,
-                lambda: hf_generate(model, batch, args.new_tokens, settings),
+                lambda: hf_generate(baseline, batch, args.new_tokens, settings),
                 lambda: our_generate(model, tokenizer, batch, args.new_tokens, settings),
                 lambda: our_generate(model, tokenizer, batch, args.new_tokens, settings, batch_invariant=False),
             )
@@ -79,7 +84,7 @@ def main() -> None:
               f"{fast_rate:9.0f} t/s {fast_rate / hf_rate:5.2f}x   (target {target}x)")
 
     same = all(
-        hf_generate(model, [p], args.new_tokens, {"temperature": 0.0})[0] == out
+        hf_generate(baseline, [p], args.new_tokens, {"temperature": 0.0})[0] == out
         for p, out in zip(mixed, our_generate(model, tokenizer, mixed, args.new_tokens, {"temperature": 0.0}))
     )
     print(f"\ngreedy output identical to model.generate (8 mixed-length prompts, batched): {same}")

@@ -380,15 +380,16 @@ class GPT2Forward:
     bit for bit:
     - each prompt is prefilled on its own (no padding in any sum);
     - decode-step attention runs over exactly each row's own keys (rows with the same prompt length share a call);
-    - decode-step matrix products always see between 2 and 16 rows, because BLAS takes another code path (another
-      order of additions) for a single row and, for some shapes, for many rows. A lone row goes through the
-      matrix products with a copy of itself as second row (the weights are read once either way; the products
-      cost about 20% more than a single row's); attention and sampling see it once. Big batches go through matrix
-      products in pieces;
-    - the output projection uses a transposed copy of the embedding matrix, for the same reason.
+    - decode-step matrix products always see at least 2 rows, because BLAS takes another code path (another order
+      of additions) for a single row. A lone row goes through the matrix products with a copy of itself as second
+      row (attention and sampling see it once);
+    - which weight layout, and how many rows at most, keep every row's bits is measured on this machine, once per
+      weight shape (see `_row_stable_layout`); big batches go through the products in pieces of that many rows.
+      A layout is picked for speed where both keep the bits: with MKL on an AVX-512 Xeon, the transposed layout
+      makes a 2-row product of the MLP weights about 15% faster than GPT-2's own, and is kept for any 2-15 rows.
     """
 
-    MIN_ROWS, MAX_ROWS = 2, 16
+    MIN_ROWS = 2
 
     @staticmethod
     def supports(model) -> bool:
@@ -420,18 +421,21 @@ class GPT2Forward:
         tied = model.lm_head.weight.data_ptr() == transformer.wte.weight.data_ptr()
         self.lm_head = self.wte if tied else _aligned(model.lm_head.weight)  # (V, C)
         self.invariant = batch_invariant and self.wte.device.type == "cpu"
-        self.lm_head_t = self.lm_head.t().contiguous() if self.invariant else None  # (C, V)
-        self.max_rows = self.MAX_ROWS if self.invariant else 0
-        # What `_decode_step` reads: the embeddings, the final layer norm, the output projection ((C, V) for
-        # max_rows > 0, else (V, C)), then 12 per block (ln_1, c_attn, attn c_proj, ln_2, c_fc, mlp c_proj).
-        self.weights = [self.wte, self.wpe, *self.ln_f, self.lm_head if self.lm_head_t is None else self.lm_head_t]
-        self.weights += [
-            _aligned(w)
+        blocks = [
+            [b.ln_1.weight, b.ln_1.bias, b.attn.c_attn.weight, b.attn.c_attn.bias, b.attn.c_proj.weight,
+             b.attn.c_proj.bias, b.ln_2.weight, b.ln_2.bias, b.mlp.c_fc.weight, b.mlp.c_fc.bias,
+             b.mlp.c_proj.weight, b.mlp.c_proj.bias]
             for b in transformer.h
-            for w in (b.ln_1.weight, b.ln_1.bias, b.attn.c_attn.weight, b.attn.c_attn.bias, b.attn.c_proj.weight,
-                      b.attn.c_proj.bias, b.ln_2.weight, b.ln_2.bias, b.mlp.c_fc.weight, b.mlp.c_fc.bias,
-                      b.mlp.c_proj.weight, b.mlp.c_proj.bias)
         ]
+        head = self.lm_head.t()  # (C, V), a view
+        transposed: dict[int, bool] = {}  # block matrix index -> store transposed (absent: keep the layout)
+        self.max_rows = 0  # 0: any number of rows in one product
+        if self.invariant:
+            transposed, head, self.max_rows = self._plan_layouts(blocks[0], head)
+        # What `_decode_step` reads: the embeddings, the final layer norm, the output projection (C, V), then 12
+        # per block (ln_1, c_attn, attn c_proj, ln_2, c_fc, mlp c_proj); matrices (K, N), in either memory layout.
+        self.weights = [self.wte, self.wpe, *self.ln_f, head]
+        self.weights += [_aligned(w, transposed.get(i)) for block in blocks for i, w in enumerate(block)]
         self.n_layer = len(transformer.h)
         self.decode_step = None  # compiled at the first step, after the first token
 
@@ -469,6 +473,28 @@ class GPT2Forward:
             rows = rows.expand(self.rows)
         self.cache = [c[rows] for c in self.cache]
         self._arrange()
+
+    def _plan_layouts(self, block: list[torch.nn.Parameter], head: torch.Tensor
+                      ) -> tuple[dict[int, bool], torch.Tensor, int]:
+        """Each matrix's memory layout for row-stable products (see `_row_stable_layout`): which of a block's
+        matrices to store transposed (re-laid out in place by `_aligned`: one copy), the output projection (C, V)
+        (a copy only where the embedding's own layout is not row-stable) and the most rows one product may take.
+        Turns batch invariance off, with a warning, where no layout keeps a row's bits."""
+        transposed, limits = {}, []
+        for index in (2, 4, 8, 10):  # c_attn, attn c_proj, c_fc, mlp c_proj: the same shapes in every block
+            transposed[index], rows = _row_stable_layout(block[index])
+            limits.append(rows)
+        # The (V, C) embedding seen as (C, V) is already the transposed layout; the other one costs a copy.
+        head_transposed, rows = _row_stable_layout(head)
+        limits.append(rows)
+        if not head_transposed:
+            head = head.contiguous()
+        if min(limits) < 3:
+            log.warning("this machine's BLAS rounds a row differently depending on the rows around it: output may "
+                        "depend on how prompts are batched (generate.batch_invariant: false silences this)")
+            self.invariant = False
+            return {}, self.lm_head.t(), 0
+        return transposed, head, min(limits)
 
     def _rows(self, batch: int) -> int:
         return max(batch, self.MIN_ROWS) if self.invariant else batch
@@ -519,6 +545,9 @@ def _decode_step(tokens: torch.Tensor, positions: torch.Tensor, weights: list[to
         w = weights[5 + 12 * layer:17 + 12 * layer]
         cache = caches[layer]
         _linear(w[3], torch.layer_norm(x, [width], w[0], w[1], eps), w[2], max_rows, cache.select(1, t))
+        # Residual additions: each bias goes into x once x has been read, and the product lands on x directly
+        # (addmm onto itself): one op fewer after each matrix product, where ops run with cold caches.
+        x += w[5]
         split = cache.view(cache.size(0), cache.size(1), 3, heads, head_dim)  # (R, T, 3, H, D)
         parts: list[torch.Tensor] = []
         for group in groups:
@@ -530,29 +559,34 @@ def _decode_step(tokens: torch.Tensor, positions: torch.Tensor, weights: list[to
         a = (parts[0] if len(parts) == 1 else torch.cat(parts)).view(batch, width)  # (B, H, 1, D) -> (B, C)
         if rows > batch:
             a = a.expand(rows, width)
-        x += _linear(w[5], a, w[4], max_rows, None)  # x + y and y + x are the same bits: in place is exact
+        _linear(x, a, w[4], max_rows, x)
         h = _linear(w[9], torch.layer_norm(x, [width], w[6], w[7], eps), w[8], max_rows, None)
-        x += _linear(w[11], _activate(h, activation), w[10], max_rows, None)
+        x += w[11]
+        _linear(x, _activate(h, activation), w[10], max_rows, x)
     x = torch.layer_norm(x, [width], weights[2], weights[3], eps)
-    if max_rows > 0:
-        logits = _linear(None, x, weights[4], max_rows, None)  # (C, V): see GPT2Forward
-    else:
-        logits = F.linear(x, weights[4])
+    logits = _linear(None, x, weights[4], max_rows, None)  # (R, C) @ (C, V)
     return logits[:batch].float()
 
 
 def _linear(bias: torch.Tensor | None, x: torch.Tensor, weight: torch.Tensor, max_rows: int,
             out: torch.Tensor | None) -> torch.Tensor:
     """bias + x @ weight, (M, K) @ (K, N), into `out` if given; in pieces of at most max_rows rows (0: no limit),
-    none of them a single row when M > max_rows."""
+    none of them a single row when M > max_rows. `bias` is (N,) or, to accumulate onto it, (M, N)."""
     if max_rows == 0 or x.size(0) <= max_rows:
         return _addmm(bias, x, weight, out)
     pieces = (x.size(0) + max_rows - 1) // max_rows  # sizes differ by one at most
-    if out is None:
-        return torch.cat([_addmm(bias, piece, weight, None) for piece in x.tensor_split(pieces)])
-    for piece, part in zip(x.tensor_split(pieces), out.tensor_split(pieces)):
-        _addmm(bias, piece, weight, part)
-    return out
+    results: list[torch.Tensor] = []
+    start = 0
+    for piece in x.tensor_split(pieces):
+        end = start + piece.size(0)
+        piece_bias, piece_out = bias, out
+        if bias is not None and bias.dim() == 2:
+            piece_bias = bias[start:end]
+        if out is not None:
+            piece_out = out[start:end]
+        results.append(_addmm(piece_bias, piece, weight, piece_out))
+        start = end
+    return torch.cat(results) if out is None else out
 
 
 def _addmm(bias: torch.Tensor | None, x: torch.Tensor, weight: torch.Tensor, out: torch.Tensor | None) -> torch.Tensor:
@@ -562,9 +596,13 @@ def _addmm(bias: torch.Tensor | None, x: torch.Tensor, weight: torch.Tensor, out
 
 
 def _activate(h: torch.Tensor, name: str) -> torch.Tensor:
-    """GPT-2's MLP activation, the same ops as transformers' (see `_activation_name`); may overwrite h."""
+    """GPT-2's MLP activation, as transformers computes it (see `_activation_name`); may overwrite h."""
     if name == "gelu_new":  # NewGELUActivation, op for op
         return 0.5 * h * (1.0 + torch.tanh(math.sqrt(2.0 / math.pi) * (h + 0.044715 * torch.pow(h, 3.0))))
+    if name == "none":
+        # Exact GELU by its formula rather than F.gelu's kernel: within a rounding of it, and, right after a matrix
+        # product, several times faster (torch.erf is MKL's vector erf, which the product has just warmed).
+        return torch.erf(h * 0.7071067811865476).add_(1.0).mul_(h).mul_(0.5)
     return torch.ops.aten.gelu_(h, approximate=name)  # in place: the same kernel as F.gelu, the same bits
 
 
@@ -598,17 +636,55 @@ def _scripted(fn):
         return fn
 
 
-def _aligned(weight: torch.nn.Parameter) -> torch.Tensor:
-    """`weight`, detached, moved once into 64-byte-aligned memory where it is not. transformers maps safetensors
-    weights straight from the file at 8-byte alignment: vector loads then straddle cache lines, which makes a decode
-    step about 10% slower (measured on the benchmark's model). The parameter itself is realigned (same values, same
-    Parameter, so tied weights stay tied), so the model holds one copy, not two."""
+def _aligned(weight: torch.nn.Parameter, transposed: bool | None = None) -> torch.Tensor:
+    """`weight`, detached, moved once into 64-byte-aligned memory where it is not; a matrix also into the transposed
+    memory layout (the same (K, N) matrix, stored as (N, K)) for `transposed` True, the row-major one for False, and
+    either for None. transformers maps safetensors weights straight from the file at 8-byte alignment: vector loads
+    then straddle cache lines, which makes a decode step about 10% slower (measured on the benchmark's model). The
+    parameter itself is changed (same values, same Parameter, so tied weights stay tied and the model still works),
+    so the model holds one copy, not two."""
     tensor = weight.detach()
-    if tensor.device.type == "cpu" and (tensor.data_ptr() % 64 or not tensor.is_contiguous()):
+    if tensor.device.type != "cpu":
+        return tensor
+    is_transposed = tensor.dim() == 2 and tensor.stride() == (1, tensor.size(0)) and not tensor.is_contiguous()
+    if transposed is None:
+        transposed = is_transposed
+    if transposed != is_transposed or tensor.data_ptr() % 64 or not (tensor.is_contiguous() or is_transposed):
         with torch.no_grad():
-            weight.data = tensor.clone(memory_format=torch.contiguous_format)
-        tensor = weight.detach()
-    return tensor
+            weight.data = tensor.t().contiguous().t() if transposed else tensor.clone(
+                memory_format=torch.contiguous_format)
+    return weight.detach()
+
+
+def _row_stable_layout(weight: torch.Tensor) -> tuple[bool, int]:
+    """How to multiply by `weight` (K, N) so that a row's result does not depend on the rows around it: whether to
+    store it transposed ((N, K) in memory), and the most rows one product may take (1 where even 3 rows change a
+    row's bits). The transposed layout wins where it keeps a row's bits for up to 8 rows or more (faster for few
+    rows, see GPT2Forward); measured once per shape and type."""
+    (k, n), dtype = weight.shape, weight.dtype
+    transposed_rows = _stable_rows(k, n, dtype, True)
+    if transposed_rows >= 8:
+        return True, transposed_rows
+    rows = _stable_rows(k, n, dtype, False)
+    return (False, rows) if rows >= transposed_rows else (True, transposed_rows)
+
+
+@functools.cache
+def _stable_rows(k: int, n: int, dtype: torch.dtype, transposed: bool, limit: int = 16) -> int:
+    """The most rows m <= limit such that bias + x @ w, w (K, N) in the given memory layout, gives each row of x
+    (1 < rows <= m, at any offset) the bits it gets in a product of two rows."""
+    generator = torch.Generator().manual_seed(0)
+    w = torch.randn((n, k) if transposed else (k, n), generator=generator, dtype=dtype)
+    w = w.t() if transposed else w
+    bias = torch.randn(n, generator=generator, dtype=dtype)
+    x = torch.randn(limit + 1, k, generator=generator, dtype=dtype)
+    pairs = torch.cat([torch.addmm(bias, x[i:i + 2], w) for i in range(0, limit, 2)])  # (limit, N)
+    pairs = torch.cat([pairs, torch.addmm(bias, x[limit - 1:], w)[1:]])  # the last row, paired too
+    for m in range(2, limit + 1):
+        for start in (0, 1):
+            if not torch.equal(torch.addmm(bias, x[start:start + m], w), pairs[start:start + m]):
+                return m - 1
+    return limit
 
 
 def _runs(starts: list[int]) -> list[tuple[int, int, int]]:
