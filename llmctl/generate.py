@@ -72,7 +72,8 @@ def run(cfg: Config, *, quiet: bool = False) -> Iterator[str | dict]:
     tokenizer = load_tokenizer(name, trust_remote_code=cfg.run.trust_remote_code)
     model = load_model(name, dtype=pick_dtype(g.precision, device), trust_remote_code=cfg.run.trust_remote_code)
     model.to(device)
-    decoder = Decoder(model, tokenizer, ignore_eos=g.ignore_eos, batch_invariant=g.batch_invariant)
+    decoder = Decoder(model, tokenizer, ignore_eos=g.ignore_eos, batch_invariant=g.batch_invariant,
+                      speculate=g.speculate)
     log.debug("model %s on %s (%s), %s decode path", name, device, next(model.parameters()).dtype, decoder.path)
     if decoder.context_length and g.max_new_tokens >= decoder.context_length:
         raise ConfigError(
@@ -89,6 +90,8 @@ def run(cfg: Config, *, quiet: bool = False) -> Iterator[str | dict]:
         else:
             yield from _text(decoder.generate(requests), meta, g.echo, stats)
     _summary(stats, time.perf_counter() - start)
+    if decoder.guesses:
+        log.debug("speculation: %d of %d guessed tokens were right", decoder.right_guesses, decoder.guesses)
 
 
 def derive_seed(seed: int, key: object) -> int:

@@ -96,8 +96,11 @@ class Finished:
 class Decoder:
     """Decodes batches of requests with one model and tokenizer."""
 
-    def __init__(self, model: torch.nn.Module, tokenizer, *, ignore_eos: bool = False, batch_invariant: bool = True):
+    def __init__(self, model: torch.nn.Module, tokenizer, *, ignore_eos: bool = False, batch_invariant: bool = True,
+                 speculate: bool = True):
         self.model = model.eval()
+        self.speculate = speculate
+        self.guesses = self.right_guesses = 0  # speculation, over this decoder's life
         self.tokenizer = tokenizer
         self.device = next(model.parameters()).device
         if GPT2Forward.supports(model):
@@ -140,31 +143,40 @@ class Decoder:
             tokens = sampler(logits, 0)  # (B,)
         texts = [_TextTail(self.tokenizer, r.prompt_ids, r.params.stop) for r in requests]
         generated: list[list[int]] = [[] for _ in requests]
-        rows = list(range(len(requests)))  # request index of each row still decoding
         eos_ids = self.eos_ids
-        for step in range(max_new):
+
+        def take(i: int, token: int, step: int) -> tuple[list[TextDelta | Finished], bool]:
+            """Append token number `step` to sequence i: the events that makes, and whether the sequence ended."""
+            generated[i].append(token)
+            text, reason = texts[i], None
+            if token in eos_ids:
+                reason, delta = "eos", text.finish()
+            else:
+                delta = text.push(token)
+                if text.stopped:
+                    reason = "stop"
+                elif step + 1 >= limits[i]:
+                    reason = "length"
+                    delta += text.finish()
+            events: list[TextDelta | Finished] = [TextDelta(order[i], delta)] if delta else []
+            if reason is not None:
+                seconds = time.perf_counter() - start
+                events.append(Finished(order[i], Result(generated[i], text.text, reason, seconds)))
+            return events, reason is not None
+
+        rows = list(range(len(requests)))  # request index of each row still decoding
+        guesser = None
+        step = 0  # the number of the token(s) in `tokens`, the same for every row
+        while True:
             keep = []
             for j, (i, token) in enumerate(zip(rows, tokens.tolist())):
-                generated[i].append(token)
-                text, reason = texts[i], None
-                if token in eos_ids:
-                    reason, delta = "eos", text.finish()
-                else:
-                    delta = text.push(token)
-                    if text.stopped:
-                        reason = "stop"
-                    elif step + 1 >= limits[i]:
-                        reason = "length"
-                        delta += text.finish()
-                if delta:
-                    yield TextDelta(order[i], delta)
-                if reason is None:
+                events, ended = take(i, token, step)
+                yield from events
+                if not ended:
                     keep.append(j)
-                else:
-                    seconds = time.perf_counter() - start
-                    yield Finished(order[i], Result(generated[i], text.text, reason, seconds))
             if not keep:
                 return
+            guess = None
             with torch.inference_mode():
                 if len(keep) < len(rows):
                     index = torch.tensor(keep, device=self.device)
@@ -172,7 +184,70 @@ class Decoder:
                     tokens = tokens[index]
                     self.forward.select(index)
                     sampler.select(index)
-                tokens = sampler(self.forward.step(tokens), step + 1)
+                i = rows[0]
+                if len(rows) == 1 and step + 3 <= limits[i] and self._can_speculate(requests[i]):
+                    if guesser is None or guesser.row != i:
+                        guesser = _Guesser(i, requests[i].prompt_ids)
+                    guess = guesser.guess(generated[i])
+                if guess is None:
+                    tokens = sampler(self.forward.step(tokens), step + 1)
+                    step += 1
+                    continue
+                logits = self.forward.step(tokens, guess)  # (2, V): after the token, and after the guess
+                tokens = sampler(logits[:1], step + 1)
+                step += 1
+                self.guesses += 1
+                if tokens.item() != guess:
+                    continue
+                self.forward.accept()
+                self.right_guesses += 1
+            # The guess was right: it is this step's token, and the second row's logits give the next one.
+            events, ended = take(i, guess, step)
+            yield from events
+            if ended:
+                return
+            with torch.inference_mode():
+                tokens = sampler(logits[1:], step + 1)
+            step += 1
+
+    def _can_speculate(self, request: Request) -> bool:
+        """Whether a lone sequence may check a guessed next token in the spare row of its step (see `_Guesser`):
+        greedy decoding on the lean path, where the spare row's arithmetic is what its own step would be."""
+        return (self.speculate and request.params.greedy and isinstance(self.forward, GPT2Forward)
+                and self.forward.can_speculate)
+
+
+class _Guesser:
+    """Guesses a lone greedy sequence's next token from its own text (prompt lookup): the token that followed the
+    latest earlier occurrence of its last 3 tokens, else 2, else 1. The decode step runs the guess in the row that a
+    lone sequence leaves spare (see GPT2Forward) and keeps the result only where the guess was right, so output
+    is exactly what plain decoding gives; repetitive text (code, lists, a model that loops) comes out up to twice
+    as fast."""
+
+    ORDERS = (3, 2, 1)
+
+    def __init__(self, row: int, prompt_ids: Sequence[int]):
+        self.row = row
+        self.tokens: list[int] = []
+        self.next: dict[tuple[int, ...], int] = {}  # the last n tokens -> the token that followed them last
+        self.prompt_length = len(prompt_ids)
+        self._extend(prompt_ids)
+
+    def guess(self, generated: list[int]) -> int | None:
+        self._extend(generated[len(self.tokens) - self.prompt_length:])
+        for n in self.ORDERS:
+            if len(self.tokens) >= n:
+                token = self.next.get(tuple(self.tokens[-n:]))
+                if token is not None:
+                    return token
+        return None
+
+    def _extend(self, tokens: Sequence[int]) -> None:
+        for token in tokens:
+            for n in self.ORDERS:
+                if len(self.tokens) >= n:
+                    self.next[tuple(self.tokens[-n:])] = token
+            self.tokens.append(token)
 
 
 def _left_pad(prompts: Sequence[Sequence[int]], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -455,15 +530,28 @@ class GPT2Forward:
         self._arrange()
         return torch.cat(logits)
 
-    def step(self, tokens: torch.Tensor) -> torch.Tensor:
-        """Logits (B, V) after feeding each row its next token, (B,)."""
+    def step(self, tokens: torch.Tensor, guess: int | None = None) -> torch.Tensor:
+        """Logits (B, V) after feeding each row its next token, (B,). With a `guess` (a lone row, where
+        `can_speculate`): logits (2, V) after the token and after the guessed token that follows it, which counts
+        only once `accept` is called."""
         if self.decode_step is None:
             self.decode_step = _scripted(_decode_step)
         with torch.jit.optimized_execution(False):  # run the ops as written: no fusion, no specialisation
             logits = self.decode_step(tokens, self.next_pos, self.weights, self.cache, self.t, self.groups,
-                                      self.rows, self.n_head, self.eps, self.scale, self.activation, self.max_rows)
+                                      self.rows, self.n_head, self.eps, self.scale, self.activation, self.max_rows,
+                                      -1 if guess is None else guess)
         self.t += 1
         return logits
+
+    @property
+    def can_speculate(self) -> bool:
+        """One row decoding, with a spare physical row whose arithmetic is what the row's own next step would be."""
+        return self.invariant and len(self.starts) == 1 and self.rows == 2
+
+    def accept(self) -> None:
+        """The guess of the last step was right: its key and value stay in the cache."""
+        self.t += 1
+        self.next_pos += 1
 
     def select(self, rows: torch.Tensor) -> None:
         self.starts = [self.starts[i] for i in rows.tolist()]
@@ -529,13 +617,22 @@ class GPT2Forward:
 
 def _decode_step(tokens: torch.Tensor, positions: torch.Tensor, weights: list[torch.Tensor],
                  caches: list[torch.Tensor], t: int, groups: list[list[int]], rows: int, heads: int, eps: float,
-                 scale: float, activation: str, max_rows: int) -> torch.Tensor:
+                 scale: float, activation: str, max_rows: int, guess: int) -> torch.Tensor:
     """Logits (B, V) of B rows after their next tokens (B,) at their positions (B,), which it advances by one.
     Matrix products see R >= B rows (a lone row doubled); each block writes the new tokens' query, key and value
     into its cache (R, T, 3C) at column t. `groups`: [first row, end row, first column] of the rows that share
-    attention calls. `weights`: see GPT2Forward.__init__."""
+    attention calls. `weights`: see GPT2Forward.__init__.
+    With guess >= 0 (one row, R = 2): the spare row takes `guess` as the token after the row's next one, at column
+    t + 1 and the next position, and both rows' logits come back, (2, V). Each row's arithmetic is then what its own
+    step would be: the same matrix-product rows, the same attention calls over the same keys."""
+    speculate = guess >= 0
+    if speculate:
+        tokens = torch.cat([tokens, tokens.new_full([1], guess)])
+        where = torch.cat([positions, positions + 1])
+    else:
+        where = positions
     batch = tokens.size(0)
-    x = weights[0].index_select(0, tokens) + weights[1].index_select(0, positions)  # (B, C)
+    x = weights[0].index_select(0, tokens) + weights[1].index_select(0, where)  # (B, C)
     positions += 1
     if rows > batch:
         x = x.expand(rows, x.size(1)).contiguous()
@@ -544,17 +641,21 @@ def _decode_step(tokens: torch.Tensor, positions: torch.Tensor, weights: list[to
     for layer in range(len(caches)):
         w = weights[5 + 12 * layer:17 + 12 * layer]
         cache = caches[layer]
-        _linear(w[3], torch.layer_norm(x, [width], w[0], w[1], eps), w[2], max_rows, cache.select(1, t))
+        qkv = cache[0, t:t + 2] if speculate else cache.select(1, t)  # (R, 3C)
+        _linear(w[3], torch.layer_norm(x, [width], w[0], w[1], eps), w[2], max_rows, qkv)
         # Residual additions: each bias goes into x once x has been read, and the product lands on x directly
         # (addmm onto itself): one op fewer after each matrix product, where ops run with cold caches.
         x += w[5]
         split = cache.view(cache.size(0), cache.size(1), 3, heads, head_dim)  # (R, T, 3, H, D)
         parts: list[torch.Tensor] = []
-        for group in groups:
-            part = split[group[0]:group[1]]
-            q = part[:, t:t + 1, 0].transpose(1, 2)  # (b, H, 1, D)
-            k = part[:, group[2]:t + 1, 1].transpose(1, 2)  # (b, H, L, D)
-            v = part[:, group[2]:t + 1, 2].transpose(1, 2)
+        # [first row, end row, first column, query column] of each attention call
+        calls = [[0, 1, groups[0][2], t], [0, 1, groups[0][2], t + 1]] if speculate else [g + [t] for g in groups]
+        for call in calls:
+            part = split[call[0]:call[1]]
+            end = call[3] + 1
+            q = part[:, call[3]:end, 0].transpose(1, 2)  # (b, H, 1, D)
+            k = part[:, call[2]:end, 1].transpose(1, 2)  # (b, H, L, D)
+            v = part[:, call[2]:end, 2].transpose(1, 2)
             parts.append(F.scaled_dot_product_attention(q, k, v, scale=scale))
         a = (parts[0] if len(parts) == 1 else torch.cat(parts)).view(batch, width)  # (B, H, 1, D) -> (B, C)
         if rows > batch:

@@ -331,3 +331,95 @@ def test_misaligned_weights_are_realigned_in_place():
     assert _aligned(weight).data_ptr() == aligned.data_ptr()  # a second decoder finds it aligned
     plain = torch.randn(8, 8)
     assert _aligned(plain).data_ptr() == plain.data_ptr()  # already aligned: no copy
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Row-stable layouts and speculation
+
+
+def test_weight_layouts_are_measured_and_changed_in_place(tiny):
+    from llmctl.core.decode import _aligned, _row_stable_layout
+
+    model, tokenizer = tiny
+    forward = Decoder(model, tokenizer).forward
+    assert forward.invariant and forward.max_rows >= 3
+    weight = torch.nn.Parameter(torch.randn(24, 40))
+    values = weight.detach().clone()
+    laid_out = _aligned(weight, transposed=True)
+    assert laid_out.stride() == (1, 24) and torch.equal(laid_out, values)
+    assert weight.data_ptr() == laid_out.data_ptr()  # the parameter itself: one copy in memory
+    assert _aligned(weight).data_ptr() == laid_out.data_ptr()  # None keeps whichever layout it has
+    assert _aligned(weight, transposed=False).is_contiguous()
+    transposed, rows = _row_stable_layout(torch.empty(32, 96))
+    assert isinstance(transposed, bool) and 1 <= rows <= 16
+
+
+def test_no_row_stable_layout_turns_invariance_off_with_a_warning(tiny, monkeypatch, caplog):
+    import llmctl.core.decode as decode_module
+
+    model, tokenizer = tiny
+    monkeypatch.setattr(decode_module, "_row_stable_layout", lambda weight: (False, 2))
+    forward = Decoder(model, tokenizer).forward
+    assert not forward.invariant and forward.max_rows == 0
+    assert "batch" in caplog.text and "batch_invariant: false" in caplog.text
+
+
+def test_a_guessed_token_gets_the_bits_of_its_own_step(tiny):
+    """The spare row's logits are bit for bit those of the step that feeds the guess, and an accepted guess leaves
+    the cache as that step would."""
+    from llmctl.core.decode import _left_pad
+
+    model, tokenizer = tiny
+    prompt = ids_of(tokenizer)[2]
+    with torch.inference_mode():
+        ids, mask = _left_pad([prompt], 0, "cpu")
+        plain, guessing = Decoder(model, tokenizer).forward, Decoder(model, tokenizer).forward
+        plain.prefill(ids, mask, 8)
+        guessing.prefill(ids, mask, 8)
+        token, guess, then = torch.tensor([5]), 17, torch.tensor([9])
+        both = guessing.step(token, guess)
+        assert guessing.can_speculate and both.shape[0] == 2
+        guessing.accept()
+        first, second = plain.step(token), plain.step(torch.tensor([guess]))
+        assert torch.equal(both[0], first[0]) and torch.equal(both[1], second[0])
+        assert torch.equal(guessing.step(then), plain.step(then))
+        wrong = guessing.step(then, guess)  # not accepted: the next step overwrites the guess's column
+        assert torch.equal(wrong[:1], plain.step(then))
+        assert torch.equal(guessing.step(then), plain.step(then))
+
+
+def test_speculation_gives_exactly_the_plain_greedy_output(tiny):
+    model, tokenizer = tiny
+    prompts = ids_of(tokenizer, ["ab ab ab ab ab ab", "The cat", "1, 2, 3, 1, 2, 3, 1, 2,"])
+    params = SamplingParams(max_new_tokens=30, temperature=0.0, stop=("zzz",))
+    guessing = Decoder(model, tokenizer, ignore_eos=True)
+    plain = Decoder(model, tokenizer, ignore_eos=True, speculate=False)
+    fast = decode(guessing, prompts, params, batch_size=1)
+    slow = decode(plain, prompts, params, batch_size=1)
+    assert [(r.token_ids, r.text, r.finish_reason) for r in fast] == [
+        (r.token_ids, r.text, r.finish_reason) for r in slow
+    ]
+    assert [r.token_ids for r in fast] == [hf_greedy(model, p, 30) for p in prompts]
+    assert guessing.right_guesses > 0 and plain.guesses == 0
+
+
+def test_speculation_takes_over_when_a_batch_is_down_to_one_row(tiny):
+    model, tokenizer = tiny
+    prompts = ids_of(tokenizer)[:3]
+    params = [SamplingParams(max_new_tokens=n, temperature=0.0) for n in (6, 30, 3)]
+    guessing = Decoder(model, tokenizer, ignore_eos=True)
+    fast = decode(guessing, prompts, params)
+    slow = decode(Decoder(model, tokenizer, ignore_eos=True, speculate=False), prompts, params)
+    assert [r.token_ids for r in fast] == [r.token_ids for r in slow]
+    assert [len(r.token_ids) for r in fast] == [6, 30, 3]
+    assert guessing.guesses > 0
+
+
+def test_sampled_and_generic_decoding_do_not_guess(tiny):
+    model, tokenizer = tiny
+    decoder = Decoder(model, tokenizer, ignore_eos=True)
+    decode(decoder, ids_of(tokenizer)[:1], SAMPLED)
+    assert decoder.guesses == 0
+    noninvariant = Decoder(model, tokenizer, ignore_eos=True, batch_invariant=False)
+    decode(noninvariant, ids_of(tokenizer)[:1], GREEDY)
+    assert noninvariant.guesses == 0  # a single row's products round differently from two rows': no spare row
