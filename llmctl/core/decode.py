@@ -697,13 +697,9 @@ def _addmm(bias: torch.Tensor | None, x: torch.Tensor, weight: torch.Tensor, out
 
 
 def _activate(h: torch.Tensor, name: str) -> torch.Tensor:
-    """GPT-2's MLP activation, as transformers computes it (see `_activation_name`); may overwrite h."""
+    """GPT-2's MLP activation, the same ops as transformers' (see `_activation_name`); may overwrite h."""
     if name == "gelu_new":  # NewGELUActivation, op for op
         return 0.5 * h * (1.0 + torch.tanh(math.sqrt(2.0 / math.pi) * (h + 0.044715 * torch.pow(h, 3.0))))
-    if name == "none":
-        # Exact GELU by its formula rather than F.gelu's kernel: within a rounding of it, and, right after a matrix
-        # product, several times faster (torch.erf is MKL's vector erf, which the product has just warmed).
-        return torch.erf(h * 0.7071067811865476).add_(1.0).mul_(h).mul_(0.5)
     return torch.ops.aten.gelu_(h, approximate=name)  # in place: the same kernel as F.gelu, the same bits
 
 
