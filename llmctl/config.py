@@ -361,10 +361,10 @@ class GenerateConfig:
     single-row path, about 10% faster at batch 1 (and without speculation), but a sampled token can then differ now
     and then between batch sizes."""
     speculate: bool = True
-    """Greedy decoding of a lone prompt (batch 1, or the last prompt of a batch) guesses each next token from the
-    text so far (the token that followed the latest earlier occurrence of the last 1-3 tokens) and checks the guess
-    in the same step, on the lean GPT-2 path with batch_invariant. Output is exactly the same; repetitive text comes
-    out up to twice as fast, and a wrong guess costs about 5%."""
+    """Decoding a lone prompt (batch 1, or the last prompt of a batch) guesses each next token from the text so far
+    (the token that followed the latest earlier occurrence of the last 1-3 tokens) and checks the guess in the same
+    step, on the lean GPT-2 path with batch_invariant. Output is exactly the same, greedy or sampled; repetitive text
+    comes out up to twice as fast, a wrong guess costs about 5%, and guessing pauses while guesses keep failing."""
     on_error: Literal["fail", "skip"] = "fail"
     """A malformed input line stops the run (`fail`) or is skipped and counted (`skip`)."""
 

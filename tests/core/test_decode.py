@@ -415,11 +415,38 @@ def test_speculation_takes_over_when_a_batch_is_down_to_one_row(tiny):
     assert guessing.guesses > 0
 
 
-def test_sampled_and_generic_decoding_do_not_guess(tiny):
+def test_sampled_speculation_gives_exactly_the_plain_samples(tiny):
     model, tokenizer = tiny
-    decoder = Decoder(model, tokenizer, ignore_eos=True)
-    decode(decoder, ids_of(tokenizer)[:1], SAMPLED)
-    assert decoder.guesses == 0
+    prompts = ids_of(tokenizer, ["ab ab ab ab ab ab", "The cat", "1, 2, 3, 1, 2, 3, 1, 2,"])
+    cool = SamplingParams(max_new_tokens=30, temperature=0.1, top_k=20, repetition_penalty=1.05)
+    guessing = Decoder(model, tokenizer, ignore_eos=True)
+    fast = decode(guessing, prompts, cool, batch_size=1, seeds=[7, 8, 9])
+    slow = decode(Decoder(model, tokenizer, ignore_eos=True, speculate=False), prompts, cool, batch_size=1,
+                  seeds=[7, 8, 9])
+    assert [r.token_ids for r in fast] == [r.token_ids for r in slow]
+    assert guessing.right_guesses > 0
+
+
+def test_guessing_pauses_while_guesses_fail():
+    from llmctl.core.decode import _Guesser
+
+    guesser = _Guesser(0, [1, 2, 3, 1, 2, 3])
+    generated, made = [], []
+    for step in range(300):
+        generated.append(1 + step % 3)  # text that always offers a guess
+        if guesser.guess(generated) is not None:
+            made.append(step)
+            guesser.record(step >= 250)  # wrong until step 250, then right
+    early = [s for s in made if s < 250]
+    assert 6 <= len(early) <= 16  # six misses in a row, then pauses of 8, 16, 32, ... tokens between single tries
+    assert made[-20:] == list(range(280, 300))  # once guesses come right again it guesses at every step
+
+
+def test_decoding_without_a_spare_row_does_not_guess(tiny):
+    model, tokenizer = tiny
     noninvariant = Decoder(model, tokenizer, ignore_eos=True, batch_invariant=False)
     decode(noninvariant, ids_of(tokenizer)[:1], GREEDY)
     assert noninvariant.guesses == 0  # a single row's products round differently from two rows': no spare row
+    together = Decoder(model, tokenizer, ignore_eos=True)
+    decode(together, ids_of(tokenizer)[:4], SamplingParams(max_new_tokens=5, temperature=0.0))
+    assert together.guesses == 0  # four rows all along: none spare
