@@ -486,6 +486,9 @@ class GPT2Forward:
     """
 
     MIN_ROWS = 2
+    HEAD_CHUNK = 8192
+    """The output projection's product goes in pieces of this many vocabulary columns, whose row-stability is
+    measured (see `_plan_layouts`)."""
 
     @staticmethod
     def supports(model) -> bool:
@@ -526,6 +529,7 @@ class GPT2Forward:
         head = self.lm_head.t()  # (C, V), a view
         transposed: dict[int, bool] = {}  # block matrix index -> store transposed (absent: keep the layout)
         self.max_rows = 0  # 0: any number of rows in one product
+        self.head_chunk = self.HEAD_CHUNK if self.invariant else head.shape[1]  # columns per output product
         if self.invariant:
             transposed, head, self.max_rows = self._plan_layouts(blocks[0], head)
         # What `_decode_step` reads: the embeddings, the final layer norm, the output projection (C, V), then 12
@@ -560,7 +564,7 @@ class GPT2Forward:
         with torch.jit.optimized_execution(False):  # run the ops as written: no fusion, no specialisation
             logits = self.decode_step(tokens, self.next_pos, self.weights, self.cache, self.t, self.groups,
                                       self.rows, self.n_head, self.eps, self.scale, self.activation, self.max_rows,
-                                      -1 if guess is None else guess)
+                                      self.head_chunk, -1 if guess is None else guess)
         self.t += 1
         return logits
 
@@ -591,10 +595,15 @@ class GPT2Forward:
         Turns batch invariance off, with a warning, where no layout keeps a row's bits."""
         transposed, limits = {}, []
         for index in (2, 4, 8, 10):  # c_attn, attn c_proj, c_fc, mlp c_proj: the same shapes in every block
-            transposed[index], rows = _row_stable_layout(block[index])
+            (k, n), dtype = block[index].shape, block[index].dtype
+            transposed[index], rows = _row_stable_layout(k, [n], dtype)
             limits.append(rows)
-        # The (V, C) embedding seen as (C, V) is already the transposed layout; the other one costs a copy.
-        head_transposed, rows = _row_stable_layout(head)
+        # The (V, C) embedding seen as (C, V) is already the transposed layout; the other one costs a copy. The
+        # product goes in column pieces (see `_decode_step`), which are what gets measured: a vocabulary-wide
+        # measurement would take most of a second for GPT-2's 50k tokens.
+        (width, vocab), chunk = head.shape, self.head_chunk
+        widths = [min(vocab, chunk)] + ([vocab % chunk] if vocab > chunk and vocab % chunk else [])
+        head_transposed, rows = _row_stable_layout(width, widths, head.dtype)
         limits.append(rows)
         if not head_transposed:
             head = head.contiguous()
@@ -602,6 +611,7 @@ class GPT2Forward:
             log.warning("this machine's BLAS rounds a row differently depending on the rows around it: output may "
                         "depend on how prompts are batched (generate.batch_invariant: false silences this)")
             self.invariant = False
+            self.head_chunk = vocab
             return {}, self.lm_head.t(), 0
         return transposed, head, min(limits)
 
@@ -638,11 +648,12 @@ class GPT2Forward:
 
 def _decode_step(tokens: torch.Tensor, positions: torch.Tensor, weights: list[torch.Tensor],
                  caches: list[torch.Tensor], t: int, groups: list[list[int]], rows: int, heads: int, eps: float,
-                 scale: float, activation: str, max_rows: int, guess: int) -> torch.Tensor:
+                 scale: float, activation: str, max_rows: int, head_chunk: int, guess: int) -> torch.Tensor:
     """Logits (B, V) of B rows after their next tokens (B,) at their positions (B,), which it advances by one.
     Matrix products see R >= B rows (a lone row doubled); each block writes the new tokens' query, key and value
     into its cache (R, T, 3C) at column t. `groups`: [first row, end row, first column] of the rows that share
-    attention calls. `weights`: see GPT2Forward.__init__.
+    attention calls. `weights`: see GPT2Forward.__init__. The output projection goes in pieces of `head_chunk`
+    vocabulary columns.
     With guess >= 0 (one row, R = 2): the spare row takes `guess` as the token after the row's next one, at column
     t + 1 and the next position, and both rows' logits come back, (2, V). Each row's arithmetic is then what its own
     step would be: the same matrix-product rows, the same attention calls over the same keys."""
@@ -686,7 +697,12 @@ def _decode_step(tokens: torch.Tensor, positions: torch.Tensor, weights: list[to
         x += w[11]
         _linear(x, _activate(h, activation), w[10], max_rows, x)
     x = torch.layer_norm(x, [width], weights[2], weights[3], eps)
-    logits = _linear(None, x, weights[4], max_rows, None)  # (R, C) @ (C, V)
+    head = weights[4]  # (C, V)
+    if head_chunk >= head.size(1):
+        logits = _linear(None, x, head, max_rows, None)  # (R, V)
+    else:
+        logits = torch.cat([_linear(None, x, head[:, j:j + head_chunk], max_rows, None)
+                            for j in range(0, head.size(1), head_chunk)], 1)
     return logits[:batch].float()
 
 
@@ -774,21 +790,22 @@ def _aligned(weight: torch.nn.Parameter, transposed: bool | None = None) -> torc
     return weight.detach()
 
 
-def _row_stable_layout(weight: torch.Tensor) -> tuple[bool, int]:
-    """How to multiply by `weight` (K, N) so that a row's result does not depend on the rows around it: whether to
-    store it transposed ((N, K) in memory), and the most rows one product may take (1 where even 3 rows change a
-    row's bits). The transposed layout wins where it keeps a row's bits for up to 8 rows or more (faster for few
-    rows, see GPT2Forward); measured once per shape and type."""
-    (k, n), dtype = weight.shape, weight.dtype
-    transposed_rows = _stable_rows(k, n, dtype, True)
+def _row_stable_layout(rows_in: int, widths: Sequence[int], dtype: torch.dtype) -> tuple[bool, int]:
+    """How to multiply by a (K, N) matrix, K = rows_in, in products as wide as each of `widths`, so that a row's
+    result does not depend on the rows around it: whether to store it transposed ((N, K) in memory), and the most
+    rows one product may take (1 where even 3 rows change a row's bits). The transposed layout wins where it keeps a
+    row's bits for up to 8 rows or more (faster for few rows, see GPT2Forward); measured once per shape, type and
+    thread count."""
+    threads = torch.get_num_threads()
+    transposed_rows = min(_stable_rows(rows_in, n, dtype, True, threads) for n in widths)
     if transposed_rows >= 8:
         return True, transposed_rows
-    rows = _stable_rows(k, n, dtype, False)
+    rows = min(_stable_rows(rows_in, n, dtype, False, threads) for n in widths)
     return (False, rows) if rows >= transposed_rows else (True, transposed_rows)
 
 
 @functools.cache
-def _stable_rows(k: int, n: int, dtype: torch.dtype, transposed: bool, limit: int = 16) -> int:
+def _stable_rows(k: int, n: int, dtype: torch.dtype, transposed: bool, threads: int, limit: int = 16) -> int:
     """The most rows m <= limit such that bias + x @ w, w (K, N) in the given memory layout, gives each row of x
     (1 < rows <= m, at any offset) the bits it gets in a product of two rows."""
     generator = torch.Generator().manual_seed(0)

@@ -350,7 +350,7 @@ def test_weight_layouts_are_measured_and_changed_in_place(tiny):
     assert weight.data_ptr() == laid_out.data_ptr()  # the parameter itself: one copy in memory
     assert _aligned(weight).data_ptr() == laid_out.data_ptr()  # None keeps whichever layout it has
     assert _aligned(weight, transposed=False).is_contiguous()
-    transposed, rows = _row_stable_layout(torch.empty(32, 96))
+    transposed, rows = _row_stable_layout(32, [96, 40], torch.float32)
     assert isinstance(transposed, bool) and 1 <= rows <= 16
 
 
@@ -358,7 +358,7 @@ def test_no_row_stable_layout_turns_invariance_off_with_a_warning(tiny, monkeypa
     import llmctl.core.decode as decode_module
 
     model, tokenizer = tiny
-    monkeypatch.setattr(decode_module, "_row_stable_layout", lambda weight: (False, 2))
+    monkeypatch.setattr(decode_module, "_row_stable_layout", lambda *shape: (False, 2))
     forward = Decoder(model, tokenizer).forward
     assert not forward.invariant and forward.max_rows == 0
     assert "batch" in caplog.text and "batch_invariant: false" in caplog.text
@@ -450,3 +450,14 @@ def test_decoding_without_a_spare_row_does_not_guess(tiny):
     together = Decoder(model, tokenizer, ignore_eos=True)
     decode(together, ids_of(tokenizer)[:4], SamplingParams(max_new_tokens=5, temperature=0.0))
     assert together.guesses == 0  # four rows all along: none spare
+
+
+def test_a_wide_output_projection_goes_in_measured_pieces(tiny, monkeypatch):
+    model, tokenizer = tiny
+    monkeypatch.setattr(GPT2Forward, "HEAD_CHUNK", 100)  # 257 tokens: pieces of 100, 100 and 57 columns
+    decoder = Decoder(model, tokenizer, ignore_eos=True)
+    assert decoder.forward.head_chunk == 100
+    prompts = ids_of(tokenizer)
+    runs = [[r.token_ids for r in decode(decoder, prompts, SAMPLED, batch_size=b)] for b in (1, 8)]
+    assert runs[0] == runs[1]
+    assert [r.token_ids for r in decode(decoder, prompts[:3], GREEDY)] == [hf_greedy(model, p, 20) for p in prompts[:3]]
