@@ -368,6 +368,19 @@ def test_pretrained_tokenizer_is_reused(tmp_path, tiny_model_dir, corpus_text):
     assert shard_documents(tmp_path / "prepared") == corpus_text.strip().split("\n\n")
 
 
+def test_a_pretrained_tokenizer_replaced_at_the_same_path_rebuilds(tmp_path, corpus_text):
+    from llmctl.core.tokenizer import byte_tokenizer, to_transformers
+
+    path = write(tmp_path, "c.txt", corpus_text)
+    tokenizer_dir = tmp_path / "tok"
+    to_transformers(byte_tokenizer(["<|endoftext|>"]), "<|endoftext|>").save_pretrained(tokenizer_dir)
+    cfg = make_cfg(tmp_path, [path], tokenizer={"pretrained": str(tokenizer_dir)})
+    assert prepare(cfg, quiet=True)["skipped"] is False
+    assert prepare(cfg, quiet=True)["skipped"] is True
+    to_transformers(byte_tokenizer(["<|end|>"]), "<|end|>").save_pretrained(tokenizer_dir)  # same path, new tokens
+    assert prepare(cfg, quiet=True)["skipped"] is False
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # Skip-if-unchanged and atomic output
 

@@ -64,7 +64,23 @@ def config_sha256(cfg: Config) -> str:
     }
     if cfg.data.split == "documents":
         shaping["seed"] = cfg.run.seed
+    if cfg.tokenizer.pretrained:
+        shaping["pretrained_files"] = _tokenizer_files_sha256(cfg.tokenizer.pretrained)
     return sha256_json(shaping)
+
+
+_TOKENIZER_FILES = ("tokenizer*", "vocab*", "merges*", "special_tokens_map.json", "added_tokens.json", "*.model",
+                    "*.tiktoken")
+
+
+def _tokenizer_files_sha256(name: str) -> dict[str, str]:
+    """SHA-256 of each tokenizer file of a local pretrained tokenizer directory, so that a tokenizer replaced at the
+    same path rebuilds the data; empty for a hub id (its name stands for it)."""
+    directory = Path(name)
+    if not directory.is_dir():
+        return {}
+    files = {path for pattern in _TOKENIZER_FILES for path in directory.glob(pattern) if path.is_file()}
+    return {path.name: sha256_file(path) for path in sorted(files)}
 
 
 # ---------------------------------------------------------------------------------------------------------------
