@@ -117,8 +117,9 @@ def continuation_logprobs(
     progress: Progress | None = None,
 ) -> torch.Tensor:
     """log p(continuation | prompt) for every prompt and every continuation: a (len(prompts), len(continuations))
-    float64 tensor of summed token log-probabilities (natural log). `batch_size` counts (prompt, continuation) rows
-    per forward pass, and so does `progress`.
+    float64 tensor of summed token log-probabilities (natural log). `batch_size` counts rows per forward pass: a
+    (prompt, continuation) pair, or a prompt where every continuation is one token (then one pass scores them all).
+    `progress` counts (prompt, continuation) pairs.
 
     Each prompt must hold at least one token (the continuation's first token needs something to follow). Sequences
     are right-padded, so the real tokens of each row keep positions 0.. and see no padding (causal attention).
@@ -129,8 +130,21 @@ def continuation_logprobs(
         raise ValueError("every continuation needs at least one token")
     device = torch.device(device) if device is not None else next(model.parameters()).device
     n_labels = len(continuations)
-    pairs = [(i, j) for i in range(len(prompts)) for j in range(n_labels)]
     scores = torch.empty(len(prompts), n_labels, dtype=torch.float64)
+    if all(len(c) == 1 for c in continuations):
+        # One-token continuations all follow the prompt's last position: one row per prompt, not one per label.
+        targets = torch.tensor([c[0] for c in continuations], device=device)
+        for b in range(0, len(prompts), batch_size):
+            chunk = prompts[b : b + batch_size]
+            x, mask = pad_right(chunk, pad_id, device)  # (B, T)
+            logits = model(input_ids=x, attention_mask=mask).logits  # (B, T, V)
+            last = torch.tensor([len(p) - 1 for p in chunk], device=device)
+            logprobs = F.log_softmax(logits[torch.arange(len(chunk), device=device), last].float(), dim=-1)  # (B, V)
+            scores[b : b + len(chunk)] = logprobs[:, targets].double().cpu()
+            if progress is not None:
+                progress(len(chunk) * n_labels)
+        return scores
+    pairs = [(i, j) for i in range(len(prompts)) for j in range(n_labels)]
     for b in range(0, len(pairs), batch_size):
         chunk = pairs[b : b + batch_size]
         x, mask = pad_right([list(prompts[i]) + list(continuations[j]) for i, j in chunk], pad_id, device)  # (B, T)

@@ -123,6 +123,27 @@ def test_continuation_logprobs_match_an_unbatched_hand_computation(lm):
             assert scores[i, j].item() == pytest.approx(expected, abs=1e-4)
 
 
+def test_one_token_continuations_take_one_row_per_prompt(lm):
+    class Counting(torch.nn.Module):  # the real model, counting the rows it is given
+        def __init__(self, inner):
+            super().__init__()
+            self.inner, self.rows = inner, 0
+
+        def forward(self, input_ids, attention_mask):
+            self.rows += input_ids.shape[0]
+            return self.inner(input_ids=input_ids, attention_mask=attention_mask)
+
+    prompts = [[256, 72, 105], [256, 65, 32, 108, 111, 110, 103, 101, 114], [66]]
+    continuations = [[121], [110], [63]]
+    counting = Counting(lm)
+    scores = continuation_logprobs(counting, prompts, continuations, batch_size=2)
+    assert counting.rows == 3  # not 9
+    for i, p in enumerate(prompts):
+        with torch.no_grad():
+            logprobs = F.log_softmax(lm(torch.tensor([p])).logits[0, -1].double(), dim=-1)
+        assert scores[i].tolist() == pytest.approx([logprobs[c[0]].item() for c in continuations], abs=1e-5)
+
+
 def test_classifier_logprobs_ignore_padding(tokenizer_dir):
     from transformers import AutoModelForSequenceClassification, GPT2Config
 
