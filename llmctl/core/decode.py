@@ -141,8 +141,7 @@ class Decoder:
         with torch.inference_mode():
             ids, mask = _left_pad([r.prompt_ids for r in requests], self.pad_id, self.device)  # (B, P)
             logits = self.forward.prefill(ids, mask, max_new)  # (B, V)
-            sampler = Sampler([r.params for r in requests], [r.seed for r in requests], requests, self.vocab_size,
-                              self.device)
+            sampler = Sampler(requests, self.vocab_size, self.device)
             tokens = sampler(logits, 0)  # (B,)
         texts = [_TextTail(self.tokenizer, r.prompt_ids, r.params.stop) for r in requests]
         generated: list[list[int]] = [[] for _ in requests]
@@ -302,8 +301,8 @@ class Sampler:
     """Picks each row's next token: repetition penalty, then greedy, or temperature, top-k, top-p and an inverse-CDF
     draw with the row's own uniform random number for this step."""
 
-    def __init__(self, params: Sequence[SamplingParams], seeds: Sequence[int], requests: Sequence[Request],
-                 vocab: int, device: torch.device):
+    def __init__(self, requests: Sequence[Request], vocab: int, device: torch.device):
+        params, seeds = [r.params for r in requests], [r.seed for r in requests]
         self.greedy = torch.tensor([p.greedy for p in params], device=device)
         self.all_greedy = all(p.greedy for p in params)
         self.any_greedy = any(p.greedy for p in params)

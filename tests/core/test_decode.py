@@ -313,7 +313,7 @@ def test_torchscript_and_python_steps_give_the_same_bits(tiny):
     scripted = _scripted(_decode_step)
     assert isinstance(scripted, torch.jit.ScriptFunction)
     assert torch.equal(run(scripted), run(_decode_step))
-    sampler = Sampler([SAMPLED] * 3, [1, 2, 3], [Request([1], SAMPLED, 0)] * 3, 256, torch.device("cpu"))
+    sampler = Sampler([Request([1], SAMPLED, seed) for seed in (1, 2, 3)], 256, torch.device("cpu"))
     logits, u = torch.randn(3, 256), torch.rand(3)
     args = (logits, u, sampler.kmax, sampler.temperature, sampler.k_mask, sampler.top_p)
     assert torch.equal(sampler.draw(*args), _draw(*args))
