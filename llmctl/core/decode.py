@@ -561,8 +561,8 @@ class GPT2Forward:
         if self.decode_step is None:
             self.decode_step = _scripted(_decode_step)
         with torch.jit.optimized_execution(False):  # run the ops as written: no fusion, no specialisation
-            logits = self.decode_step(tokens, self.next_pos, self.weights, self.cache, self.t, self.groups,
-                                      self.rows, self.n_head, self.eps, self.scale, self.activation, self.max_rows,
+            logits = self.decode_step(tokens, self.next_pos, self.weights, self.cache, self.views, self.t, self.groups,
+                                      self.rows, self.eps, self.scale, self.activation, self.max_rows,
                                       self.head_chunk, -1 if guess is None else guess)
         self.t += 1
         return logits
@@ -619,6 +619,13 @@ class GPT2Forward:
 
     def _arrange(self) -> None:
         self.groups = [list(run) for run in _runs(self.starts)]
+        # Per layer, the queries, keys and values of every row and column as (R, H, T, D) views of its cache: a
+        # step narrows them to its rows and columns (two ops each, not five).
+        self.views = [
+            part.transpose(1, 2)
+            for cache in self.cache
+            for part in cache.view(cache.size(0), cache.size(1), 3, self.n_head, self.head_dim).unbind(2)
+        ]
 
     def _prefill_row(self, ids: torch.Tensor, row: int, start: int) -> torch.Tensor:
         """Run one prompt (L,) through the blocks, filling its cache columns start..; logits (1, V)."""
@@ -646,11 +653,12 @@ class GPT2Forward:
 
 
 def _decode_step(tokens: torch.Tensor, positions: torch.Tensor, weights: list[torch.Tensor],
-                 caches: list[torch.Tensor], t: int, groups: list[list[int]], rows: int, heads: int, eps: float,
-                 scale: float, activation: str, max_rows: int, head_chunk: int, guess: int) -> torch.Tensor:
+                 caches: list[torch.Tensor], views: list[torch.Tensor], t: int, groups: list[list[int]], rows: int,
+                 eps: float, scale: float, activation: str, max_rows: int, head_chunk: int, guess: int) -> torch.Tensor:
     """Logits (B, V) of B rows after their next tokens (B,) at their positions (B,), which it advances by one.
     Matrix products see R >= B rows (a lone row doubled); each block writes the new tokens' query, key and value
-    into its cache (R, T, 3C) at column t. `groups`: [first row, end row, first column] of the rows that share
+    into its cache (R, T, 3C) at column t, whose query, key and value parts `views` holds as (R, H, T, D), three per
+    layer. `groups`: [first row, end row, first column] of the rows that share
     attention calls. `weights`: see GPT2Forward.__init__. The output projection goes in pieces of `head_chunk`
     vocabulary columns.
     With guess >= 0 (one row, R = 2): the spare row takes `guess` as the token after the row's next one, at column
@@ -668,7 +676,6 @@ def _decode_step(tokens: torch.Tensor, positions: torch.Tensor, weights: list[to
     if rows > batch:
         x = x.expand(rows, x.size(1)).contiguous()
     width = x.size(1)
-    head_dim = width // heads
     for layer in range(len(caches)):
         w = weights[5 + 12 * layer:17 + 12 * layer]
         cache = caches[layer]
@@ -677,16 +684,15 @@ def _decode_step(tokens: torch.Tensor, positions: torch.Tensor, weights: list[to
         # Residual additions: each bias goes into x once x has been read, and the product lands on x directly
         # (addmm onto itself): one op fewer after each matrix product, where ops run with cold caches.
         x += w[5]
-        split = cache.view(cache.size(0), cache.size(1), 3, heads, head_dim)  # (R, T, 3, H, D)
+        queries, keys, values = views[3 * layer], views[3 * layer + 1], views[3 * layer + 2]  # (R, H, T, D)
         parts: list[torch.Tensor] = []
         # [first row, end row, first column, query column] of each attention call
         calls = [[0, 1, groups[0][2], t], [0, 1, groups[0][2], t + 1]] if speculate else [g + [t] for g in groups]
         for call in calls:
-            part = split[call[0]:call[1]]
-            end = call[3] + 1
-            q = part[:, call[3]:end, 0].transpose(1, 2)  # (b, H, 1, D)
-            k = part[:, call[2]:end, 1].transpose(1, 2)  # (b, H, L, D)
-            v = part[:, call[2]:end, 2].transpose(1, 2)
+            b, length = call[1] - call[0], call[3] + 1 - call[2]
+            q = queries.narrow(0, call[0], b).narrow(2, call[3], 1)  # (b, H, 1, D)
+            k = keys.narrow(0, call[0], b).narrow(2, call[2], length)  # (b, H, L, D)
+            v = values.narrow(0, call[0], b).narrow(2, call[2], length)
             parts.append(F.scaled_dot_product_attention(q, k, v, scale=scale))
         a = (parts[0] if len(parts) == 1 else torch.cat(parts)).view(batch, width)  # (B, H, 1, D) -> (B, C)
         if rows > batch:
