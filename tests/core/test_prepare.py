@@ -135,6 +135,26 @@ def test_sentences_trained_on_the_input(tmp_path):
     assert "Did he see it?" in docs[0].split("\n")
 
 
+def test_a_document_cut_into_chunks_keeps_its_sentences(tmp_path):
+    """A document bigger than a chunk is cut at a line end after a sentence end where there is one, so the sentence
+    splitter sees every sentence whole."""
+    rng = random.Random(5)
+    words = ["alpha", "beta", "gamma", "delta", "epsilon", "zeta"]
+    lines = []
+    for _ in range(300):  # sentences that run over line ends, and lines that end inside sentences
+        sentence = " ".join(rng.choice(words) for _ in range(rng.randint(6, 14))).capitalize() + "."
+        half = len(sentence) // 2
+        cut = sentence.index(" ", half)
+        lines += [sentence[:cut], sentence[cut + 1:]] if rng.random() < 0.7 else [sentence]
+    text = "\n".join(lines) + "\n"  # one paragraph of ~20 KB
+    whole = cleaned(tmp_path, text, clean={"sentences": True})
+    pieces = cleaned(tmp_path, text, clean={"sentences": True}, data={"chunk_bytes": 4096})
+    assert pieces == whole and len(whole) == 1
+    assert all(line.endswith(".") for line in whole[0].split("\n"))
+    words = {"words": True, "stopwords": True}  # line by line: no two lines glued where a piece ends
+    assert cleaned(tmp_path, text, clean=words, data={"chunk_bytes": 4096}) == cleaned(tmp_path, text, clean=words)
+
+
 def test_words_stopwords_and_stemming(tmp_path):
     text = "The runners were running quickly, and they didn't stop."
     assert cleaned(tmp_path, text, clean={"words": True}) == [

@@ -94,7 +94,10 @@ class Worker:
         result = ChunkResult(counters, chunk.nbytes, doc.head_piece, doc.tail_piece)
         digests = self._digests(doc, result) if self.spec.dedup else None
         if self.cleaner.nlp is not None:
-            doc.texts = [self.cleaner.nlp(t, counters) for t in doc.texts]
+            texts = [self.cleaner.nlp(t, counters) for t in doc.texts]
+            if doc.tail_piece and texts and texts[-1] and doc.texts[-1].endswith("\n"):
+                texts[-1] += "\n"  # cut at a line end (see sources._piece_cut): it still parts this piece's end
+            doc.texts = texts
             digests = _drop_empty(doc, digests, counters)
         texts = doc.texts
         for key, i in (("head", 0), ("tail", len(texts) - 1)):

@@ -32,6 +32,8 @@ BUILTINS = (PYDOC_TOPICS,)
 # A paragraph break: a line end, then one or more blank (whitespace-only) lines. Bytes, before decoding: CRLF and
 # lone CR count as line ends too.
 _PARAGRAPH_BREAK = re.compile(rb"(?:\r?\n|\r)(?:[ \t]*(?:\r?\n|\r))+")
+# The end of a sentence at the end of a line: . ! ? or an ellipsis, then closing quotes or brackets, then spaces.
+_SENTENCE_END = re.compile(rb"(?:[.!?]|\xe2\x80\xa6)(?:[\"')\]]|\xe2\x80[\x99\x9d]|\xc2\xbb)*[ \t\r]*$")
 
 
 @dataclass
@@ -360,9 +362,11 @@ def _last_boundary(buf: bytes, mode: str) -> int:
 
 def _piece_cut(buf: bytes, chunk_bytes: int) -> int:
     """Where to cut a document too big for one chunk: after a line end inside a run of non-blank lines (so that no
-    cleaning rule sees a different text on either side), else at a UTF-8 character boundary."""
+    cleaning rule sees a different text on either side), preferably one that follows the end of a sentence (so
+    that sentence splitting sees each sentence whole), else at a UTF-8 character boundary."""
     limit = min(len(buf), chunk_bytes)
     low = limit // 2
+    inside = None  # the last line end inside a run of non-blank lines
     p = limit
     while True:
         p = buf.rfind(b"\n", low, p)
@@ -370,7 +374,11 @@ def _piece_cut(buf: bytes, chunk_bytes: int) -> int:
             break
         before, after = buf[p - 1 : p], buf[p + 1 : p + 2]
         if p > 0 and before not in (b"\n", b"\r") and after and after not in (b"\n", b"\r"):
-            return p + 1
+            if _SENTENCE_END.search(buf, max(0, p - 16), p):
+                return p + 1
+            inside = inside or p + 1
+    if inside:
+        return inside
     p = limit
     while p > 1 and (buf[p] & 0xC0) == 0x80:  # inside a multi-byte character
         p -= 1
