@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -28,28 +29,27 @@ META = "meta.json"
 
 def save_checkpoint(path: Path, model: torch.nn.Module, state: dict[str, Any], meta: dict[str, Any]) -> Path:
     """Write model weights, training state and metadata to `path` atomically; returns `path`."""
-    path = Path(path)
-    with atomic_dir(path) as tmp:
-        # save_model drops the duplicate names of tied tensors (GPT-2's lm_head is its token embedding).
-        save_safetensors_model(model, str(tmp / WEIGHTS))
-        torch.save(state, tmp / STATE)
-        (tmp / META).write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
-    return path
+    # save_model drops the duplicate names of tied tensors (GPT-2's lm_head is its token embedding).
+    return _write(path, lambda file: save_safetensors_model(model, str(file)), state, meta)
 
 
 def save_checkpoint_state(
     path: Path, weights: dict[str, torch.Tensor], state: dict[str, Any], meta: dict[str, Any]
 ) -> Path:
     """Like `save_checkpoint`, from a full state dict (an FSDP model gathered on one process)."""
-    path = Path(path)
     unique, seen = {}, set()
     for name, tensor in weights.items():  # tied weights share storage: safetensors stores each tensor once
         key = (tensor.data_ptr(), tensor.shape)
         if key not in seen:
             seen.add(key)
             unique[name] = tensor.contiguous()
+    return _write(path, lambda file: save_file(unique, str(file)), state, meta)
+
+
+def _write(path: Path, write_weights: Callable[[Path], None], state: dict[str, Any], meta: dict[str, Any]) -> Path:
+    path = Path(path)
     with atomic_dir(path) as tmp:
-        save_file(unique, str(tmp / WEIGHTS))
+        write_weights(tmp / WEIGHTS)
         torch.save(state, tmp / STATE)
         (tmp / META).write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
     return path
@@ -67,11 +67,11 @@ def load_checkpoint_fsdp(path: Path, model: torch.nn.Module, optimizers: list) -
     meta = read_meta(path)
     try:
         weights = load_file(str(path / WEIGHTS))
-        state = torch.load(path / STATE, map_location="cpu", weights_only=True)
-    except FileNotFoundError as exc:
-        raise CheckpointError(f"checkpoint {path} is incomplete: {Path(exc.filename or '?').name} is missing") from None
-    except Exception as exc:
-        raise CheckpointError(f"checkpoint {path} is corrupted: {first_line(exc)}") from None
+    except FileNotFoundError:
+        raise CheckpointError(f"checkpoint {path} is incomplete: {WEIGHTS} is missing") from None
+    except (SafetensorError, OSError, RuntimeError, ValueError) as exc:
+        raise CheckpointError(f"checkpoint {path} is corrupted: {WEIGHTS}: {first_line(exc)}") from None
+    state = _load_state(path, "cpu")
     options = StateDictOptions(full_state_dict=True, strict=False)
     set_model_state_dict(model, weights, options=options)
     for opt, sub in zip(optimizers, state["optimizer"]["optimizers"], strict=True):
@@ -105,13 +105,17 @@ def load_checkpoint(path: Path, model: torch.nn.Module, map_location: str | torc
             f"checkpoint {path} does not fit this model (missing {sorted(missing)[:3]}, unexpected "
             f"{sorted(unexpected)[:3]}); was it written for another model shape?"
         )
+    return _load_state(path, map_location), meta
+
+
+def _load_state(path: Path, map_location: str | torch.device) -> dict[str, Any]:
+    """The training state of the checkpoint at `path` (weights_only: it cannot run code)."""
     try:
-        state = torch.load(path / STATE, map_location=map_location, weights_only=True)
+        return torch.load(path / STATE, map_location=map_location, weights_only=True)
     except FileNotFoundError:
         raise CheckpointError(f"checkpoint {path} is incomplete: {STATE} is missing") from None
     except Exception as exc:  # torch.load raises many types on a truncated or foreign file
         raise CheckpointError(f"checkpoint {path} is corrupted: {STATE}: {first_line(exc)}") from None
-    return state, meta
 
 
 # Checkpoints of a run live in <out_dir>/checkpoints/step-00001000; names sort by step.
