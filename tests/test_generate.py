@@ -118,6 +118,18 @@ def test_greedy_ignores_the_seed(tiny_model_dir):
     assert [r["completion"] for r in a] == [r["completion"] for r in b]
 
 
+def test_speculation_changes_no_byte_of_the_output(tiny_model_dir, caplog):
+    caplog.set_level(logging.DEBUG, logger="llmctl")
+    prompts = ["ab ab ab ab ab", "1, 2, 3, 1, 2, 3,"]
+    for settings in ({"temperature": 0.0}, {"temperature": 0.1, "top_k": 10}):
+        on = records(cfg(tiny_model_dir, prompts=prompts, batch_size=1, max_new_tokens=30, **settings))
+        off = records(cfg(tiny_model_dir, prompts=prompts, batch_size=1, max_new_tokens=30, speculate=False,
+                          **settings))
+        assert on == [{**r, "time_s": o["time_s"]} for r, o in zip(off, on)]
+    lines = re.findall(r"speculation: (\d+) of \d+ guessed tokens were right", caplog.text)
+    assert len(lines) == 2 and int(lines[0]) > 0  # speculate=false: no guesses at all
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # Input formats
 
