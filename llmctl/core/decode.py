@@ -315,7 +315,7 @@ class Sampler:
             ).to(device=device, dtype=torch.float32)  # (B, steps)
             # float32 rounds the top 2**-25 of [0, 1) up to 1, where u * mass could reach the mass (see `_draw`).
             self.uniforms.clamp_(max=1 - 2**-24)
-        self.draw = _scripted(_draw)
+        self.draw = None  # compiled at the second token: the first comes sooner without waiting for TorchScript
         self.temperature = _column([p.temperature if not p.greedy else 1.0 for p in params], device)
         self.top_p = _column([p.top_p for p in params], device)
         ks = [min(p.top_k, vocab) for p in params]
@@ -342,8 +342,10 @@ class Sampler:
             tokens = logits.argmax(-1)
         else:
             with torch.jit.optimized_execution(False):  # run the ops as written: no profiling runs, no fusion
-                tokens = self.draw(logits, self.uniforms[:, step], self.kmax, self.temperature, self.k_mask,
-                                   self.top_p)
+                if self.draw is None and step > 0:
+                    self.draw = _scripted(_draw)
+                draw = self.draw or _draw  # the same ops, the same bits
+                tokens = draw(logits, self.uniforms[:, step], self.kmax, self.temperature, self.k_mask, self.top_p)
             if self.any_greedy:
                 tokens = torch.where(self.greedy, logits.argmax(-1), tokens)
         if self.seen is not None:
@@ -775,6 +777,17 @@ def _scripted(fn):
         return fn
 
 
+def _noise(numel: int, dtype: torch.dtype) -> torch.Tensor:
+    """`numel` standard normal numbers of `dtype`, the same every time: the start of one draw kept for the process."""
+    global _NOISE
+    if _NOISE.numel() < numel or _NOISE.dtype != dtype:
+        _NOISE = torch.randn(max(numel, _NOISE.numel()), generator=torch.Generator().manual_seed(0), dtype=dtype)
+    return _NOISE[:numel]
+
+
+_NOISE = torch.empty(0)
+
+
 def _aligned(weight: torch.nn.Parameter, transposed: bool | None = None) -> torch.Tensor:
     """`weight`, detached, moved once into 64-byte-aligned memory where it is not; a matrix also into the transposed
     memory layout (the same (K, N) matrix, stored as (N, K)) for `transposed` True, the row-major one for False, and
@@ -812,16 +825,18 @@ def _row_stable_layout(rows_in: int, widths: Sequence[int], dtype: torch.dtype) 
 @functools.cache
 def _stable_rows(k: int, n: int, dtype: torch.dtype, transposed: bool, threads: int, limit: int = 16) -> int:
     """The most rows m <= limit such that bias + x @ w, w (K, N) in the given memory layout, gives each row of x
-    (1 < rows <= m, at any offset) the bits it gets in a product of two rows."""
-    generator = torch.Generator().manual_seed(0)
-    w = torch.randn((n, k) if transposed else (k, n), generator=generator, dtype=dtype)
+    (1 < rows <= m) the bits it gets in a product of two rows. Each row count is tried from the first row, and the
+    smallest ones and the largest also from the second (a piece can start anywhere; trying every count from both
+    would double the time before a first token for no case seen)."""
+    noise = _noise(k * n + n + (limit + 1) * k, dtype)  # (one draw: random numbers cost more than the products)
+    w = noise[:k * n].view((n, k) if transposed else (k, n))
     w = w.t() if transposed else w
-    bias = torch.randn(n, generator=generator, dtype=dtype)
-    x = torch.randn(limit + 1, k, generator=generator, dtype=dtype)
+    bias = noise[k * n:k * n + n]
+    x = noise[k * n + n:].view(limit + 1, k)
     pairs = torch.cat([torch.addmm(bias, x[i:i + 2], w) for i in range(0, limit, 2)])  # (limit, N)
     pairs = torch.cat([pairs, torch.addmm(bias, x[limit - 1:], w)[1:]])  # the last row, paired too
     for m in range(2, limit + 1):
-        for start in (0, 1):
+        for start in (0, 1) if m <= 4 or m == limit else (0,):
             if not torch.equal(torch.addmm(bias, x[start:start + m], w), pairs[start:start + m]):
                 return m - 1
     return limit

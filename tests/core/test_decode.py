@@ -316,7 +316,12 @@ def test_torchscript_and_python_steps_give_the_same_bits(tiny):
     sampler = Sampler([Request([1], SAMPLED, seed) for seed in (1, 2, 3)], 256, torch.device("cpu"))
     logits, u = torch.randn(3, 256), torch.rand(3)
     args = (logits, u, sampler.kmax, sampler.temperature, sampler.k_mask, sampler.top_p)
-    assert torch.equal(sampler.draw(*args), _draw(*args))
+    draw = _scripted(_draw)
+    assert isinstance(draw, torch.jit.ScriptFunction) and torch.equal(draw(*args), _draw(*args))
+    sampler(torch.randn(3, 256), 0)
+    assert sampler.draw is None  # the first token does not wait for TorchScript
+    sampler(torch.randn(3, 256), 1)
+    assert sampler.draw is draw
 
 
 def test_misaligned_weights_are_realigned_in_place():
