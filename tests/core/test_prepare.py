@@ -401,6 +401,16 @@ def test_a_pretrained_tokenizer_replaced_at_the_same_path_rebuilds(tmp_path, cor
     assert prepare(cfg, quiet=True)["skipped"] is False
 
 
+def test_a_pretrained_tokenizer_under_home_is_hashed_by_its_files(tmp_path, monkeypatch):
+    from llmctl.core.prepare.build import _tokenizer_files_sha256
+    from llmctl.core.tokenizer import byte_tokenizer, to_transformers
+
+    to_transformers(byte_tokenizer(["<|endoftext|>"]), "<|endoftext|>").save_pretrained(tmp_path / "tok")
+    monkeypatch.setenv("HOME", str(tmp_path))
+    files = _tokenizer_files_sha256("~/tok")
+    assert "tokenizer.json" in files and files == _tokenizer_files_sha256(str(tmp_path / "tok"))
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # Skip-if-unchanged and atomic output
 

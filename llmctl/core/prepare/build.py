@@ -76,7 +76,7 @@ _TOKENIZER_FILES = ("tokenizer*", "vocab*", "merges*", "special_tokens_map.json"
 def _tokenizer_files_sha256(name: str) -> dict[str, str]:
     """SHA-256 of each tokenizer file of a local pretrained tokenizer directory, so that a tokenizer replaced at the
     same path rebuilds the data; empty for a hub id (its name stands for it)."""
-    directory = Path(name)
+    directory = Path(name).expanduser()  # as hub.locate reads it
     if not directory.is_dir():
         return {}
     files = {path for pattern in _TOKENIZER_FILES for path in directory.glob(pattern) if path.is_file()}
