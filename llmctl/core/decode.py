@@ -660,9 +660,8 @@ def _decode_step(tokens: torch.Tensor, positions: torch.Tensor, weights: list[to
     """Logits (B, V) of B rows after their next tokens (B,) at their positions (B,), which it advances by one.
     Matrix products see R >= B rows (a lone row doubled); each block writes the new tokens' query, key and value
     into its cache (R, T, 3C) at column t, whose query, key and value parts `views` holds as (R, H, T, D), three per
-    layer. `groups`: [first row, end row, first column] of the rows that share
-    attention calls. `weights`: see GPT2Forward.__init__. The output projection goes in pieces of `head_chunk`
-    vocabulary columns.
+    layer. `groups`: [first row, end row, first column] of the rows that share attention calls. `weights`: see
+    GPT2Forward.__init__. The output projection goes in pieces of `head_chunk` vocabulary columns.
     With guess >= 0 (one row, R = 2): the spare row takes `guess` as the token after the row's next one, at column
     t + 1 and the next position, and both rows' logits come back, (2, V). Each row's arithmetic is then what its own
     step would be: the same matrix-product rows, the same attention calls over the same keys."""
