@@ -363,12 +363,13 @@ def _last_boundary(buf: bytes, mode: str) -> int:
 def _piece_cut(buf: bytes, chunk_bytes: int) -> int:
     """Where to cut a document too big for one chunk: after a line end inside a run of non-blank lines (so that no
     cleaning rule sees a different text on either side), preferably one that follows the end of a sentence (so
-    that sentence splitting sees each sentence whole), else at a UTF-8 character boundary."""
+    that sentence splitting sees each sentence whole, among the last 256 such line ends: text without sentences,
+    such as code, is not searched through), else at a UTF-8 character boundary."""
     limit = min(len(buf), chunk_bytes)
     low = limit // 2
-    inside = None  # the last line end inside a run of non-blank lines
+    inside, tried = None, 0  # the last line end inside a run of non-blank lines; how many were looked at
     p = limit
-    while True:
+    while tried < 256:
         p = buf.rfind(b"\n", low, p)
         if p < 0:
             break
@@ -376,7 +377,7 @@ def _piece_cut(buf: bytes, chunk_bytes: int) -> int:
         if p > 0 and before not in (b"\n", b"\r") and after and after not in (b"\n", b"\r"):
             if _SENTENCE_END.search(buf, max(0, p - 16), p):
                 return p + 1
-            inside = inside or p + 1
+            inside, tried = inside or p + 1, tried + 1
     if inside:
         return inside
     p = limit
