@@ -143,6 +143,54 @@ def test_rows_keep_their_own_settings_in_a_batch(tiny):
     assert all(r.finish_reason == "length" for r in together)
 
 
+def test_python_and_tensor_draws_keep_rows_independent(tiny, monkeypatch):
+    """Rows drawing in Python (few candidates), rows drawing with tensor ops and greedy rows, in one batch: each row
+    gets what it gets alone."""
+    model, tokenizer = tiny
+    monkeypatch.setattr(Sampler, "PYTHON_CANDIDATES", 10)  # the tiny vocabulary is small: make top-k 40 "wide"
+    decoder = Decoder(model, tokenizer, ignore_eos=True)
+    prompts = ids_of(tokenizer)[:5]
+    python = SamplingParams(max_new_tokens=12, temperature=0.9, top_k=8, top_p=0.9)
+    tensor = SamplingParams(max_new_tokens=12, temperature=1.1, top_p=0.8)
+    mixed = [python, SAMPLED, GREEDY, tensor, python]
+    together = decode(decoder, prompts, mixed)
+    alone = [decode(decoder, [p], [params], seeds=[i])[0] for i, (p, params) in enumerate(zip(prompts, mixed))]
+    assert [r.token_ids for r in together] == [r.token_ids for r in alone]
+    sampler = Sampler([Request([1], params, 0) for params in mixed], 257, torch.device("cpu"))
+    assert [row[0] for row in sampler.python_rows] == [0, 4] and sampler.any_tensor_draw
+
+
+def test_python_draw_follows_the_distribution():
+    from llmctl.core.decode import _draw_row
+
+    values = [2.0, 1.0, 0.0]  # probabilities 0.665, 0.245, 0.090
+    assert [_draw_row(values, u, 1.0, 1.0) for u in (0.0, 0.66, 0.67, 0.90, 0.92, 0.999)] == [0, 0, 1, 1, 2, 2]
+    # top-p 0.8 keeps the first two (the first alone has 0.665): 0.731 and 0.269 of what is left
+    assert [_draw_row(values, u, 1.0, 0.8) for u in (0.72, 0.74, 0.999)] == [0, 1, 1]
+    assert {_draw_row(values, u / 100, 1e-3, 1.0) for u in range(100)} == {0}  # cold: greedy
+    assert _draw_row([5.0, float("-inf")], 0.999999, 1.0, 1.0) == 0  # never a token of probability 0
+
+
+def test_python_and_tensor_draws_pick_alike():
+    """The two ways to draw (see Sampler) compute the same distribution: over a grid of uniform numbers they pick
+    the same tokens, but where rounding puts a boundary on the other side of u."""
+    from llmctl.core.decode import _draw, _draw_row
+
+    torch.manual_seed(0)
+    logits = torch.randn(4, 300) * 3
+    u = torch.linspace(0, 1, 2001)[:-1]
+    for temperature, top_k, top_p in ((1.0, 50, 1.0), (0.7, 20, 0.9), (1.5, 300, 0.5)):
+        values, index = logits.topk(top_k)
+        t = torch.full((4, 1), temperature)
+        p = torch.full((4, 1), top_p) if top_p < 1 else None
+        same = 0
+        for x in u.tolist():
+            tensor = _draw(logits, torch.full((4,), x), top_k, t, None, p).tolist()
+            python = [index[r, _draw_row(values[r].tolist(), x, temperature, top_p)].item() for r in range(4)]
+            same += sum(a == b for a, b in zip(tensor, python))
+        assert same >= 0.995 * 4 * len(u)
+
+
 def test_end_of_text_ends_a_sequence(tiny):
     model, tokenizer = tiny
     decoder = Decoder(model, tokenizer, ignore_eos=True)
@@ -313,14 +361,15 @@ def test_torchscript_and_python_steps_give_the_same_bits(tiny):
     scripted = _scripted(_decode_step)
     assert isinstance(scripted, torch.jit.ScriptFunction)
     assert torch.equal(run(scripted), run(_decode_step))
-    sampler = Sampler([Request([1], SAMPLED, seed) for seed in (1, 2, 3)], 256, torch.device("cpu"))
-    logits, u = torch.randn(3, 256), torch.rand(3)
+    wide = SamplingParams(temperature=1.2, top_p=0.9)  # 1000 candidates: drawn with tensor ops
+    sampler = Sampler([Request([1], wide, seed) for seed in (1, 2, 3)], 1000, torch.device("cpu"))
+    logits, u = torch.randn(3, 1000), torch.rand(3)
     args = (logits, u, sampler.kmax, sampler.temperature, sampler.k_mask, sampler.top_p)
     draw = _scripted(_draw)
     assert isinstance(draw, torch.jit.ScriptFunction) and torch.equal(draw(*args), _draw(*args))
-    sampler(torch.randn(3, 256), 0)
+    sampler(torch.randn(3, 1000), 0)
     assert sampler.draw is None  # the first token does not wait for TorchScript
-    sampler(torch.randn(3, 256), 1)
+    sampler(torch.randn(3, 1000), 1)
     assert sampler.draw is draw
 
 
