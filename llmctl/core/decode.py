@@ -613,9 +613,9 @@ class GPT2Forward:
         if self.decode_step is None:
             self.decode_step = _scripted(_decode_step)
         with torch.jit.optimized_execution(False):  # run the ops as written: no fusion, no specialisation
-            logits = self.decode_step(tokens, self.next_pos, self.weights, self.cache, self.views, self.t, self.groups,
-                                      self.rows, self.eps, self.scale, self.activation, self.max_rows,
-                                      self.head_chunk, -1 if guess is None else guess)
+            logits = self.decode_step(tokens, self.next_pos, self.weights, self.cache, self.views, self.scratch,
+                                      self.t, self.groups, self.rows, self.eps, self.scale, self.activation,
+                                      self.max_rows, self.head_chunk, -1 if guess is None else guess)
         self.t += 1
         return logits
 
@@ -677,6 +677,12 @@ class GPT2Forward:
         for cache in self.cache:
             parts = cache.view(cache.size(0), cache.size(1), 3, self.n_head, self.head_dim).unbind(2)  # (R, T, H, D)
             self.views += [part.transpose(1, 2)[lo:end] for lo, end, _ in self.groups for part in parts]
+        # A step's embeddings, MLP hidden layer and (for a lone row) attention output, preallocated: an allocation
+        # is a few microseconds of cold code after a matrix product. (Layer norms allocate: their out= variant
+        # copies, and measured slower.)
+        rows, width = self.rows, self.width
+        new, inner = self.wte.new_empty, self.weights[13].size(1)  # the first c_fc: (C, inner)
+        self.scratch = [new(rows, inner), new(rows, width), new(rows, width), new(rows, width)]
 
     def _prefill_row(self, ids: torch.Tensor, row: int, start: int) -> torch.Tensor:
         """Run one prompt (L,) through the blocks, filling its cache columns start..; logits (1, V)."""
@@ -704,17 +710,20 @@ class GPT2Forward:
 
 
 def _decode_step(tokens: torch.Tensor, positions: torch.Tensor, weights: list[torch.Tensor],
-                 caches: list[torch.Tensor], views: list[torch.Tensor], t: int, groups: list[list[int]], rows: int,
-                 eps: float, scale: float, activation: str, max_rows: int, head_chunk: int, guess: int) -> torch.Tensor:
+                 caches: list[torch.Tensor], views: list[torch.Tensor], scratch: list[torch.Tensor], t: int,
+                 groups: list[list[int]], rows: int, eps: float, scale: float, activation: str, max_rows: int,
+                 head_chunk: int, guess: int) -> torch.Tensor:
     """Logits (B, V) of B rows after their next tokens (B,) at their positions (B,), which it advances by one.
     Matrix products see R >= B rows (a lone row doubled); each block writes the new tokens' query, key and value
     into its cache (R, T, 3C) at column t. `groups`: [first row, end row, first column] of the rows that share
     attention calls; `views`: their query, key and value parts of the cache as (b, H, T, D), three per group and
-    layer. `weights`: see GPT2Forward.__init__. The output projection goes in pieces of `head_chunk` vocabulary
-    columns.
+    layer. `scratch`: preallocated activations, all (R, ...): MLP hidden (inner), x, position embeddings and
+    attention output (C). `weights`: see GPT2Forward.__init__. The output
+    projection goes in pieces of `head_chunk` vocabulary columns.
     With guess >= 0 (one row, R = 2): the spare row takes `guess` as the token after the row's next one, at column
     t + 1 and the next position, and both rows' logits come back, (2, V). Each row's arithmetic is then what its own
     step would be: the same matrix-product rows, the same attention calls over the same keys."""
+    hidden, x, embedded, attended = scratch
     speculate = guess >= 0
     if speculate:
         tokens = torch.cat([tokens, tokens.new_full([1], guess)])
@@ -722,10 +731,11 @@ def _decode_step(tokens: torch.Tensor, positions: torch.Tensor, weights: list[to
     else:
         where = positions
     batch = tokens.size(0)
-    x = weights[0].index_select(0, tokens) + weights[1].index_select(0, where)  # (B, C)
+    if rows > batch:  # a lone row: both rows of the products get it
+        tokens, where = tokens.expand(rows), where.expand(rows)
+    torch.index_select(weights[0], 0, tokens, out=x)  # (R, C)
+    x += torch.index_select(weights[1], 0, where, out=embedded)
     positions += 1
-    if rows > batch:
-        x = x.expand(rows, x.size(1)).contiguous()
     width = x.size(1)
     # [group, first column, query column] of each attention call
     calls = [[0, groups[0][2], t], [0, groups[0][2], t + 1]] if speculate else [[g, groups[g][2], t]
@@ -747,9 +757,9 @@ def _decode_step(tokens: torch.Tensor, positions: torch.Tensor, weights: list[to
             parts.append(F.scaled_dot_product_attention(q, k, v, scale=scale))
         a = (parts[0] if len(parts) == 1 else torch.cat(parts)).view(batch, width)  # (B, H, 1, D) -> (B, C)
         if rows > batch:
-            a = a.expand(rows, width)
+            a = attended.copy_(a.expand(rows, width))
         _linear(x, a, w[4], max_rows, x)
-        h = _linear(w[9], torch.layer_norm(x, [width], w[6], w[7], eps), w[8], max_rows, None)
+        h = _linear(w[9], torch.layer_norm(x, [width], w[6], w[7], eps), w[8], max_rows, hidden)
         x += w[11]
         _linear(x, _activate(h, activation), w[10], max_rows, x)
     x = torch.layer_norm(x, [width], weights[2], weights[3], eps)
