@@ -400,7 +400,7 @@ def _draw_row(values: list[float], u: float, temperature: float, top_p: float) -
     top = values[0]
     weights = [math.exp((v - top) / temperature) for v in values]  # unnormalised probabilities
     if top_p < 1.0:
-        limit, mass, kept = top_p * math.fsum(weights), 0.0, 0
+        limit, mass, kept = top_p * sum(weights), 0.0, 0
         while kept < len(weights) and mass < limit:
             mass += weights[kept]
             kept += 1
