@@ -317,6 +317,18 @@ def write_labeled(path: Path, n: int = 80) -> Path:
     return path
 
 
+def test_classification_counts_the_tokens_of_its_examples():
+    """Without padding, and from the host's copy of the examples (no device sync)."""
+    import numpy as np
+
+    from llmctl.train.data import LabeledData
+
+    data = LabeledData([[1, 2, 3], [4], [5, 6]], [0, 1, 0], [[7]], [1], ["a", "b"], pad_id=0, seed=0)
+    assert data.tokens_of(np.array([0, 2, 2])) == 7
+    padded = data.batch(np.array([0, 1]), torch.device("cpu"))
+    assert data.tokens_of(np.array([0, 1])) == int(padded["attention_mask"].sum()) == 4
+
+
 def test_classification_fine_tune_from_scratch(tmp_path):
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 

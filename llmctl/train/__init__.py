@@ -42,7 +42,7 @@ from llmctl.core.device import (
     set_threads,
 )
 from llmctl.core.files import sha256_json
-from llmctl.errors import ConfigError, DataError, Interrupted, LlmctlError, ModelError, TrainingError
+from llmctl.errors import ConfigError, DataError, Interrupted, LlmctlError, TrainingError
 from llmctl.train.data import (
     LabeledData,
     TokenData,
@@ -151,11 +151,6 @@ def _train(cfg: Config, dist: Dist, device: torch.device, *, force: bool, quiet:
                 f"{cfg.data.dir}: the train split holds {len(data.train)} tokens, less than one batch "
                 f"({t.batch_size} x {t.grad_accum} x {context} tokens); lower train.batch_size or train.context, or "
                 f"add data"
-            )
-        if hf_model.get_input_embeddings().num_embeddings < meta.vocab_size:
-            raise ModelError(
-                f"vocabulary mismatch: {cfg.data.dir} uses {meta.vocab_size} token ids but the model has "
-                f"{hf_model.get_input_embeddings().num_embeddings}"
             )
         objective = CausalLMObjective(hf_model, lean=cfg.model.lean and not fsdp)
 
@@ -348,8 +343,7 @@ def _loop(ctx: Run, data, dtype, context: int, global_batch: int, per_step: int,
             optimizer_step(ctx.optimizer, ctx.scaler)
             step += 1
             counters["step"] = step
-            counters["tokens"] += sum(data.batch_tokens(b) for b, _ in micro) * dist.world_size \
-                if isinstance(data, LabeledData) else per_step
+            counters["tokens"] += data.tokens_of(mine) * dist.world_size if isinstance(data, LabeledData) else per_step
             counters["elapsed"] = elapsed0 + time.perf_counter() - t0
             window.append(loss_value)
 

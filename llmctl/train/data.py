@@ -48,9 +48,6 @@ class TokenData:
         x, y = get_batch(self.train, starts, self.context, device)
         return {"input_ids": x, "targets": y}
 
-    def batch_tokens(self, batch: dict[str, torch.Tensor]) -> int:
-        return batch["input_ids"].numel()
-
     def eval_batches(self, batch_size: int, n_batches: int) -> list[dict[str, torch.Tensor]]:
         """Fixed batches (the same at every evaluation): `n_batches` random windows, or 0 for the whole split
         in consecutive windows, so that every validation token is scored exactly once."""
@@ -126,8 +123,9 @@ class LabeledData:
     def batch(self, items: np.ndarray, device: torch.device) -> dict[str, torch.Tensor]:
         return self._pad([self.train[i] for i in items], [self.train_labels[i] for i in items], device)
 
-    def batch_tokens(self, batch: dict[str, torch.Tensor]) -> int:
-        return int(batch["attention_mask"].sum())
+    def tokens_of(self, items: np.ndarray) -> int:
+        """Tokens in these training examples, counted on the host (no device sync)."""
+        return sum(len(self.train[i]) for i in items)
 
     def eval_batches(self, batch_size: int, n_batches: int) -> list[dict]:
         n = len(self.val) if not n_batches else min(len(self.val), n_batches * batch_size)
