@@ -588,6 +588,10 @@ class GPT2Forward:
         self.weights = [self.wte, self.wpe, *self.ln_f, head]
         self.weights += [_aligned(w, transposed.get(i)) for block in blocks for i, w in enumerate(block)]
         self.n_layer = len(transformer.h)
+        # The c_attn and c_fc biases of all blocks, (L, 1, N): a step writes them into its products' outputs in two
+        # ops, where addmm would copy each in after its product, with cold caches (see `_decode_step`).
+        self.biases = [torch.stack([self.weights[5 + 12 * layer + i] for layer in range(self.n_layer)])[:, None]
+                       for i in (3, 9)]
         self.decode_step = None  # compiled at the first step, after the first token
 
     def prefill(self, ids: torch.Tensor, mask: torch.Tensor, max_new: int) -> torch.Tensor:
@@ -598,8 +602,8 @@ class GPT2Forward:
         # one step are one row that addmm writes in place (out=), and a row's keys are a strided view. R >= B: the
         # physical rows of the matrix products (see `_decode_step`).
         self.rows = self._rows(batch)
-        shape = (self.rows, length + max_new, 3 * self.width)
-        self.cache = [self.wte.new_empty(shape) for _ in range(self.n_layer)]
+        self.kv = self.wte.new_empty((self.n_layer, self.rows, length + max_new, 3 * self.width))  # (L, R, T, 3C)
+        self.cache = list(self.kv.unbind(0))
         self.t = length  # the column the next token goes in, the same for every row
         logits = [self._prefill_row(ids[row, start:], row, start) for row, start in enumerate(self.starts)]
         self.next_pos = torch.tensor([length - s for s in self.starts], device=ids.device)  # (B,)
@@ -646,7 +650,8 @@ class GPT2Forward:
         self.rows = self._rows(len(rows))
         if self.rows > len(rows):
             rows = rows.expand(self.rows)
-        self.cache = [c[rows] for c in self.cache]
+        self.kv = self.kv[:, rows]
+        self.cache = list(self.kv.unbind(0))
         self._arrange()
 
     def _plan_layouts(self, block: list[torch.nn.Parameter], head: torch.Tensor
@@ -689,12 +694,13 @@ class GPT2Forward:
         for cache in self.cache:
             parts = cache.view(cache.size(0), cache.size(1), 3, self.n_head, self.head_dim).unbind(2)  # (R, T, H, D)
             self.views += [part.transpose(1, 2)[lo:end] for lo, end, _ in self.groups for part in parts]
-        # A step's embeddings, MLP hidden layer and (for a lone row) attention output, preallocated: an allocation
+        # A step's embeddings, MLP hidden layers and (for a lone row) attention output, preallocated: an allocation
         # is a few microseconds of cold code after a matrix product. (Layer norms allocate: their out= variant
         # copies, and measured slower.)
         rows, width = self.rows, self.width
         new, inner = self.wte.new_empty, self.weights[13].size(1)  # the first c_fc: (C, inner)
-        self.scratch = [new(rows, inner), new(rows, width), new(rows, width), new(rows, width)]
+        self.scratch = [new(self.n_layer, rows, inner), new(rows, width), new(rows, width), new(rows, width),
+                        *self.biases, self.kv]
 
     def _prefill_row(self, ids: torch.Tensor, row: int, start: int) -> torch.Tensor:
         """Run one prompt (L,) through the blocks, filling its cache columns start..; logits (1, V)."""
@@ -729,13 +735,13 @@ def _decode_step(tokens: torch.Tensor, positions: torch.Tensor, weights: list[to
     Matrix products see R >= B rows (a lone row doubled); each block writes the new tokens' query, key and value
     into its cache (R, T, 3C) at column t. `groups`: [first row, end row, first column] of the rows that share
     attention calls; `views`: their query, key and value parts of the cache as (b, H, T, D), three per group and
-    layer. `scratch`: preallocated activations, all (R, ...): MLP hidden (inner), x, position embeddings and
-    attention output (C). `weights`: see GPT2Forward.__init__. The output
-    projection goes in pieces of `head_chunk` vocabulary columns.
+    layer. `scratch`: the MLP hidden layers (L, R, inner); x, position embeddings and attention output (R, C); the
+    c_attn and c_fc biases (L, 1, N); the caches as one tensor (L, R, T, 3C). `weights`: see GPT2Forward.__init__.
+    The output projection goes in pieces of `head_chunk` vocabulary columns.
     With guess >= 0 (one row, R = 2): the spare row takes `guess` as the token after the row's next one, at column
     t + 1 and the next position, and both rows' logits come back, (2, V). Each row's arithmetic is then what its own
     step would be: the same matrix-product rows, the same attention calls over the same keys."""
-    hidden, x, embedded, attended = scratch
+    hidden, x, embedded, attended, qkv_bias, fc_bias, kv = scratch
     speculate = guess >= 0
     if speculate:
         tokens = torch.cat([tokens, tokens.new_full([1], guess)])
@@ -752,11 +758,15 @@ def _decode_step(tokens: torch.Tensor, positions: torch.Tensor, weights: list[to
     # [group, first column, query column] of each attention call
     calls = [[0, groups[0][2], t], [0, groups[0][2], t + 1]] if speculate else [[g, groups[g][2], t]
                                                                                for g in range(len(groups))]
+    # The biases of every block's c_attn and c_fc products, in place in their outputs up front: the products then
+    # add onto them (addmm with beta 1, as addmm does after copying a bias in), and no copy runs after a product.
+    (kv[:, 0, t:t + 2] if speculate else kv.select(2, t)).copy_(qkv_bias)
+    hidden.copy_(fc_bias)
     for layer in range(len(caches)):
         w = weights[5 + 12 * layer:17 + 12 * layer]
         cache = caches[layer]
         qkv = cache[0, t:t + 2] if speculate else cache.select(1, t)  # (R, 3C)
-        _linear(w[3], torch.layer_norm(x, [width], w[0], w[1], eps), w[2], max_rows, qkv)
+        _linear(qkv, torch.layer_norm(x, [width], w[0], w[1], eps), w[2], max_rows, qkv)
         # Residual additions: each bias goes into x once x has been read, and the product lands on x directly
         # (addmm onto itself): one op fewer after each matrix product, where ops run with cold caches.
         x += w[5]
@@ -771,7 +781,8 @@ def _decode_step(tokens: torch.Tensor, positions: torch.Tensor, weights: list[to
         if rows > batch:
             a = attended.copy_(a.expand(rows, width))
         _linear(x, a, w[4], max_rows, x)
-        h = _linear(w[9], torch.layer_norm(x, [width], w[6], w[7], eps), w[8], max_rows, hidden)
+        h = hidden[layer]
+        _linear(h, torch.layer_norm(x, [width], w[6], w[7], eps), w[8], max_rows, h)
         x += w[11]
         _linear(x, _activate(h, activation), w[10], max_rows, x)
     x = torch.layer_norm(x, [width], weights[2], weights[3], eps)
@@ -796,10 +807,11 @@ def _linear(bias: torch.Tensor | None, x: torch.Tensor, weight: torch.Tensor, ma
     for piece in x.tensor_split(pieces):
         end = start + piece.size(0)
         piece_bias, piece_out = bias, out
-        if bias is not None and bias.dim() == 2:
-            piece_bias = bias[start:end]
         if out is not None:
             piece_out = out[start:end]
+        if bias is not None and bias.dim() == 2:
+            # onto the output itself: the same piece, so that addmm sees one tensor and copies nothing
+            piece_bias = piece_out if bias is out else bias[start:end]
         results.append(_addmm(piece_bias, piece, weight, piece_out))
         start = end
     return torch.cat(results) if out is None else out
