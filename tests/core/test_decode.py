@@ -360,6 +360,8 @@ def test_torchscript_and_python_steps_give_the_same_bits(tiny):
 
     scripted = _scripted(_decode_step)
     assert isinstance(scripted, torch.jit.ScriptFunction)
+    assert "prim::CallFunction" not in str(scripted.graph)  # helpers inlined, not called frame by frame
+    assert not torch._C._jit_get_inline_everything_mode()  # TorchScript's own setting restored
     assert torch.equal(run(scripted), run(_decode_step))
     wide = SamplingParams(temperature=1.2, top_p=0.9)  # 1000 candidates: drawn with tensor ops
     sampler = Sampler([Request([1], wide, seed) for seed in (1, 2, 3)], 1000, torch.device("cpu"))
