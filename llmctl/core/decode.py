@@ -315,28 +315,26 @@ class Sampler:
         params, seeds = [r.params for r in requests], [r.seed for r in requests]
         self.device = device
         self.greedy = torch.tensor([p.greedy for p in params], device=device)
-        self.all_greedy = all(p.greedy for p in params)
         self.any_greedy = any(p.greedy for p in params)
         candidates = [min(p.top_k, vocab) or vocab for p in params]
-        # Rows that draw in Python: (row, candidates, temperature, top_p, uniforms) each.
-        self.python_rows = [
-            [row, k, p.temperature, p.top_p, None]
-            for row, (p, k) in enumerate(zip(params, candidates)) if not p.greedy and k <= self.PYTHON_CANDIDATES
-        ]
+        in_python = [not p.greedy and k <= self.PYTHON_CANDIDATES for p, k in zip(params, candidates)]
         tensor_rows = [not p.greedy and k > self.PYTHON_CANDIDATES for p, k in zip(params, candidates)]
         self.any_tensor_draw = any(tensor_rows)
-        self.uniforms = None
-        if not self.all_greedy:
+        # Rows that draw in Python: (row, candidates, temperature, top_p, uniform numbers) each.
+        self.python_rows: list[tuple[int, int, float, float, list[float]]] = []
+        self.uniforms = None  # (B, steps), for the tensor draw
+        if not all(p.greedy for p in params):
             steps = max(p.max_new_tokens for p in params)
             # Drawn on the CPU from each sequence's own generator: the same numbers whatever the device or batch.
             drawn = torch.stack(
                 [torch.rand(steps, generator=torch.Generator().manual_seed(s), dtype=torch.float64) for s in seeds]
             )  # (B, steps)
-            for entry in self.python_rows:
-                entry[4] = drawn[entry[0]].tolist()
-            self.uniforms = drawn.to(device=device, dtype=torch.float32)
-            # float32 rounds the top 2**-25 of [0, 1) up to 1, where u * mass could reach the mass (see `_draw`).
-            self.uniforms.clamp_(max=1 - 2**-24)
+            self.python_rows = [(row, candidates[row], params[row].temperature, params[row].top_p, drawn[row].tolist())
+                                for row, use in enumerate(in_python) if use]
+            if self.any_tensor_draw:
+                self.uniforms = drawn.to(device=device, dtype=torch.float32)
+                # float32 rounds the top 2**-25 of [0, 1) up to 1, where u * mass could reach the mass (see `_draw`).
+                self.uniforms.clamp_(max=1 - 2**-24)
         self.draw = None  # compiled at the second token: the first comes sooner without waiting for TorchScript
         self.temperature = _column([p.temperature if not p.greedy else 1.0 for p in params], device)
         self.top_p = _column([p.top_p for p in params], device)
@@ -390,7 +388,7 @@ class Sampler:
             if isinstance(value, torch.Tensor) and value.dim() > 0 and value.shape[0] > 1:
                 setattr(self, name, value[rows])
         new_row = {old: new for new, old in enumerate(rows.tolist())}
-        self.python_rows = [[new_row[e[0]], *e[1:]] for e in self.python_rows if e[0] in new_row]
+        self.python_rows = [(new_row[e[0]], *e[1:]) for e in self.python_rows if e[0] in new_row]
 
 
 def _draw_row(values: list[float], u: float, temperature: float, top_p: float) -> int:
@@ -603,7 +601,6 @@ class GPT2Forward:
         # physical rows of the matrix products (see `_decode_step`).
         self.rows = self._rows(batch)
         self.kv = self.wte.new_empty((self.n_layer, self.rows, length + max_new, 3 * self.width))  # (L, R, T, 3C)
-        self.cache = list(self.kv.unbind(0))
         self.t = length  # the column the next token goes in, the same for every row
         logits = [self._prefill_row(ids[row, start:], row, start) for row, start in enumerate(self.starts)]
         self.next_pos = torch.tensor([length - s for s in self.starts], device=ids.device)  # (B,)
@@ -617,12 +614,12 @@ class GPT2Forward:
         if self.decode_step is None:
             self.decode_step = _scripted(_decode_step)
         if self.lists is None:
-            self.lists = self._pack(self.weights, self.cache, self.views, self.scratch, self.groups)
-        weights, caches, views, scratch, groups = self.lists
+            self.lists = self._pack(self.weights, self.views, self.scratch, self.groups)
+        weights, views, scratch, groups = self.lists
         with torch.jit.optimized_execution(False):  # run the ops as written: no fusion, no specialisation
-            logits = self.decode_step(tokens, self.next_pos, weights, caches, views, scratch, self.t, groups,
-                                      self.rows, self.eps, self.scale, self.activation, self.max_rows,
-                                      self.head_chunk, -1 if guess is None else guess)
+            logits = self.decode_step(tokens, self.next_pos, weights, views, scratch, self.t, groups, self.rows,
+                                      self.eps, self.scale, self.activation, self.max_rows, self.head_chunk,
+                                      -1 if guess is None else guess)
         self.t += 1
         return logits
 
@@ -651,7 +648,6 @@ class GPT2Forward:
         if self.rows > len(rows):
             rows = rows.expand(self.rows)
         self.kv = self.kv[:, rows]
-        self.cache = list(self.kv.unbind(0))
         self._arrange()
 
     def _plan_layouts(self, block: list[torch.nn.Parameter], head: torch.Tensor
@@ -691,7 +687,7 @@ class GPT2Forward:
         # Per layer and group, the queries, keys and values of the group's rows as (b, H, T, D) views of the cache:
         # a step narrows them to its columns (one op each, not five).
         self.views = []
-        for cache in self.cache:
+        for cache in self.kv.unbind(0):
             parts = cache.view(cache.size(0), cache.size(1), 3, self.n_head, self.head_dim).unbind(2)  # (R, T, H, D)
             self.views += [part.transpose(1, 2)[lo:end] for lo, end, _ in self.groups for part in parts]
         # A step's embeddings, MLP hidden layers and (for a lone row) attention output, preallocated: an allocation
@@ -706,7 +702,7 @@ class GPT2Forward:
         """Run one prompt (L,) through the blocks, filling its cache columns start..; logits (1, V)."""
         (length,), width, heads, eps = ids.shape, self.width, self.n_head, self.eps
         x = F.embedding(ids, self.wte) + self.wpe[:length]  # (L, C)
-        for layer, cache in enumerate(self.cache):
+        for layer, cache in enumerate(self.kv.unbind(0)):
             ln1_w, ln1_b, qkv_w, qkv_b, proj_w, proj_b, ln2_w, ln2_b, fc_w, fc_b, out_w, out_b = (
                 self.weights[5 + 12 * layer:17 + 12 * layer]
             )
@@ -728,12 +724,12 @@ class GPT2Forward:
 
 
 def _decode_step(tokens: torch.Tensor, positions: torch.Tensor, weights: list[torch.Tensor],
-                 caches: list[torch.Tensor], views: list[torch.Tensor], scratch: list[torch.Tensor], t: int,
-                 groups: list[list[int]], rows: int, eps: float, scale: float, activation: str, max_rows: int,
-                 head_chunk: int, guess: int) -> torch.Tensor:
+                 views: list[torch.Tensor], scratch: list[torch.Tensor], t: int, groups: list[list[int]], rows: int,
+                 eps: float, scale: float, activation: str, max_rows: int, head_chunk: int,
+                 guess: int) -> torch.Tensor:
     """Logits (B, V) of B rows after their next tokens (B,) at their positions (B,), which it advances by one.
     Matrix products see R >= B rows (a lone row doubled); each block writes the new tokens' query, key and value
-    into its cache (R, T, 3C) at column t. `groups`: [first row, end row, first column] of the rows that share
+    into its cache at column t. `groups`: [first row, end row, first column] of the rows that share
     attention calls; `views`: their query, key and value parts of the cache as (b, H, T, D), three per group and
     layer. `scratch`: the MLP hidden layers (L, R, inner); x, position embeddings and attention output (R, C); the
     c_attn and c_fc biases (L, 1, N); the caches as one tensor (L, R, T, 3C). `weights`: see GPT2Forward.__init__.
@@ -758,14 +754,14 @@ def _decode_step(tokens: torch.Tensor, positions: torch.Tensor, weights: list[to
     # [group, first column, query column] of each attention call
     calls = [[0, groups[0][2], t], [0, groups[0][2], t + 1]] if speculate else [[g, groups[g][2], t]
                                                                                for g in range(len(groups))]
+    slots = kv[:, 0, t:t + 2] if speculate else kv.select(2, t)  # (L, R, 3C): where c_attn writes this step
     # The biases of every block's c_attn and c_fc products, in place in their outputs up front: the products then
     # add onto them (addmm with beta 1, as addmm does after copying a bias in), and no copy runs after a product.
-    (kv[:, 0, t:t + 2] if speculate else kv.select(2, t)).copy_(qkv_bias)
+    slots.copy_(qkv_bias)
     hidden.copy_(fc_bias)
-    for layer in range(len(caches)):
+    for layer in range(kv.size(0)):
         w = weights[5 + 12 * layer:17 + 12 * layer]
-        cache = caches[layer]
-        qkv = cache[0, t:t + 2] if speculate else cache.select(1, t)  # (R, 3C)
+        qkv = slots[layer]  # (R, 3C)
         _linear(qkv, torch.layer_norm(x, [width], w[0], w[1], eps), w[2], max_rows, qkv)
         # Residual additions: each bias goes into x once x has been read, and the product lands on x directly
         # (addmm onto itself): one op fewer after each matrix product, where ops run with cold caches.

@@ -198,8 +198,6 @@ class Cleaner:
             counters[counter] += n - len(keep)
             doc.texts = keep
 
-    # -- stages 8-11 -------------------------------------------------------------------------------------------
-
 
 def _paragraphs(text: str, cont: bool, is_open: bool) -> list[str]:
     """Split at blank lines. Line ends at either end of the chunk belong to the paragraph break, except on the side

@@ -103,8 +103,6 @@ def _hidden(path: Path, root: Path) -> bool:
     return any(part.startswith(".") for part in path.relative_to(root).parts)
 
 
-
-
 def _builtin(spec: str) -> Source:
     data = _pydoc_topics_jsonl()
     return Source(spec, "builtin", "jsonl", size=len(data), sha256=hashlib.sha256(data).hexdigest())
@@ -237,8 +235,6 @@ def _source_chunks(source: Source, number: int, mode: str, chunk_bytes: int, str
         yield from _cut(blocks(), source, number, mode, chunk_bytes, lambda: False, plain)
         if hasher is not None:
             source.sha256 = hasher.hexdigest()
-
-
 
 
 def stdin_has_data() -> bool:
