@@ -173,7 +173,7 @@ class Decoder:
         step = 0  # the number of the token(s) in `tokens`, the same for every row
         while True:
             keep = []
-            for j, (i, token) in enumerate(zip(rows, tokens.tolist())):
+            for j, (i, token) in enumerate(zip(rows, sampler.tolist(tokens))):
                 events, ended = take(i, token, step)
                 yield from events
                 if not ended:
@@ -201,7 +201,7 @@ class Decoder:
                 tokens = sampler(logits[:1], step + 1)
                 step += 1
                 self.guesses += 1
-                right = tokens.item() == guess
+                right = sampler.tolist(tokens)[0] == guess
                 guesser.record(right)
                 if not right:
                     continue
@@ -347,6 +347,7 @@ class Sampler:
             limit = torch.tensor([k or self.kmax for k in ks], device=device)
             self.k_mask = torch.arange(self.kmax, device=device)[None, :] >= limit[:, None]  # (B, kmax)
         self.python_k = max((entry[1] for entry in self.python_rows), default=0)
+        self.picked: tuple[torch.Tensor | None, list[int]] = (None, [])  # the Python draw's last tokens, both ways
         self.seen = self.penalty = None
         if any(p.repetition_penalty != 1.0 for p in params):
             self.penalty = _column([p.repetition_penalty for p in params], device)
@@ -376,10 +377,18 @@ class Sampler:
             picked = tokens.tolist() if tokens is not None else [0] * len(values)
             for row, k, temperature, top_p, uniforms in self.python_rows:
                 picked[row] = index[row][_draw_row(values[row][:k], uniforms[step], temperature, top_p)]
-            tokens = torch.tensor(picked, device=self.device)
+            tokens = _token_tensor(picked[0], self.device) if len(picked) == 1 else torch.tensor(picked,
+                                                                                                 device=self.device)
+            self.picked = (tokens, picked)
         if self.seen is not None:
             self.seen.scatter_(1, tokens[:, None], True)
         return tokens
+
+    def tolist(self, tokens: torch.Tensor) -> list[int]:
+        """`tokens.tolist()`, from the Python draw's own list where `tokens` came from it: a tensor op right after
+        a decode step costs tens of microseconds (cold caches)."""
+        made, picked = self.picked
+        return picked if tokens is made else tokens.tolist()
 
     def select(self, rows: torch.Tensor) -> None:
         """Keep only these rows (the others finished)."""
@@ -397,15 +406,27 @@ def _draw_row(values: list[float], u: float, temperature: float, top_p: float) -
     reaches top_p (the top one always stays)."""
     top = values[0]
     weights = [math.exp((v - top) / temperature) for v in values]  # unnormalised probabilities
-    if top_p < 1.0:
-        limit, mass, kept = top_p * sum(weights), 0.0, 0
-        while kept < len(weights) and mass < limit:
-            mass += weights[kept]
-            kept += 1
-        weights = weights[:kept]
     cdf = list(itertools.accumulate(weights))
+    kept = len(cdf)
+    if top_p < 1.0:  # the head ends at the first cdf that reaches top_p of the whole (0 < top_p)
+        kept = min(bisect.bisect_left(cdf, top_p * sum(weights)) + 1, kept)
     # The first candidate whose cdf exceeds u * mass: never one of probability 0 (u < 1, so u * mass < mass).
-    return min(bisect.bisect_right(cdf, u * cdf[-1]), len(cdf) - 1)
+    return min(bisect.bisect_right(cdf, u * cdf[kept - 1], 0, kept), kept - 1)
+
+
+def _token_tensor(token: int, device) -> torch.Tensor:
+    """A (1,) tensor of `token`, made once per token and device: making one costs about 20 us right after a
+    decode step (cold caches), a dictionary lookup well under one. Nothing writes into these tensors."""
+    key = (token, device)
+    tensor = _TOKEN_TENSORS.get(key)
+    if tensor is None:
+        if len(_TOKEN_TENSORS) >= 1 << 16:
+            _TOKEN_TENSORS.clear()
+        tensor = _TOKEN_TENSORS[key] = torch.tensor([token], device=device)
+    return tensor
+
+
+_TOKEN_TENSORS: dict[tuple[int, object], torch.Tensor] = {}
 
 
 def _column(values: list[float], device) -> torch.Tensor | None:
@@ -519,10 +540,12 @@ class GPT2Forward:
 
     The same operations as transformers' GPT-2 with sdpa attention (addmm for its Conv1D layers, layer norms,
     scaled_dot_product_attention), minus the per-call machinery: no module calls, no per-step cache objects, the
-    c_attn product written straight into the cache (out=), activations and residual additions in place, the step in
-    TorchScript. On CPU it is arranged so
-    that a row's arithmetic does not depend on the rest of its batch, which makes output independent of batching,
-    bit for bit:
+    c_attn product written straight into the cache (out=), activations and residual additions in place, the two
+    projections onto the residual stream adding their own bias (`_augmented`), the step in TorchScript. Logits may
+    differ from transformers' in the last bits (the order of additions), so greedy output is token for token that
+    of `model.generate` except where two logits tie within rounding (tested, and checked by the benchmark). On CPU
+    it is arranged so that a row's arithmetic does not depend on the rest of its batch, which makes output
+    independent of batching, bit for bit:
     - each prompt is prefilled on its own (no padding in any sum);
     - decode-step attention runs over exactly each row's own keys (rows with the same prompt length share a call);
     - decode-step matrix products always see at least 2 rows, because BLAS takes another code path (another order
@@ -535,6 +558,8 @@ class GPT2Forward:
     """
 
     MIN_ROWS = 2
+    AUGMENTED = (4, 10)
+    """A block's attention and MLP output projections: multiplied with their bias as an extra row (`_augmented`)."""
     HEAD_CHUNK = 8192
     """The output projection's product goes in pieces of this many vocabulary columns, whose row-stability is
     measured (see `_plan_layouts`)."""
@@ -583,8 +608,14 @@ class GPT2Forward:
             transposed, head, self.max_rows = self._plan_layouts(blocks[0], head)
         # What `_decode_step` reads: the embeddings, the final layer norm, the output projection (C, V), then 12
         # per block (ln_1, c_attn, attn c_proj, ln_2, c_fc, mlp c_proj); matrices (K, N), in either memory layout.
+        # The two projections onto the residual stream come with their bias as an extra row, (K + 1, N) (see
+        # `_augmented`): their inputs end in a column of ones, and the product adds the bias.
         self.weights = [self.wte, self.wpe, *self.ln_f, head]
-        self.weights += [_aligned(w, transposed.get(i)) for block in blocks for i, w in enumerate(block)]
+        for block in blocks:
+            self.weights += [
+                _augmented(w, _aligned(block[i + 1]), transposed.get(i, False)) if i in self.AUGMENTED
+                else _aligned(w, transposed.get(i)) for i, w in enumerate(block)
+            ]
         self.n_layer = len(transformer.h)
         # The c_attn and c_fc biases of all blocks, (L, 1, N): a step writes them into its products' outputs in two
         # ops, where addmm would copy each in after its product, with cold caches (see `_decode_step`).
@@ -659,6 +690,7 @@ class GPT2Forward:
         transposed, limits = {}, []
         for index in (2, 4, 8, 10):  # c_attn, attn c_proj, c_fc, mlp c_proj: the same shapes in every block
             (k, n), dtype = block[index].shape, block[index].dtype
+            k += index in self.AUGMENTED
             transposed[index], rows = _row_stable_layout(k, [n], dtype)
             limits.append(rows)
         # The (V, C) embedding seen as (C, V) is already the transposed layout; the other one costs a copy. The
@@ -695,8 +727,11 @@ class GPT2Forward:
         # copies, and measured slower.)
         rows, width = self.rows, self.width
         new, inner = self.wte.new_empty, self.weights[13].size(1)  # the first c_fc: (C, inner)
-        self.scratch = [new(self.n_layer, rows, inner), new(rows, width), new(rows, width), new(rows, width),
-                        *self.biases, self.kv]
+        # The inputs of the augmented products end in a column of ones (see `_augmented`).
+        hidden, attended = new(self.n_layer, rows, inner + 1), new(rows, width + 1)
+        hidden[..., inner] = 1
+        attended[:, width] = 1
+        self.scratch = [hidden, new(rows, width), new(rows, width), attended, *self.biases, self.kv]
 
     def _prefill_row(self, ids: torch.Tensor, row: int, start: int) -> torch.Tensor:
         """Run one prompt (L,) through the blocks, filling its cache columns start..; logits (1, V)."""
@@ -706,6 +741,7 @@ class GPT2Forward:
             ln1_w, ln1_b, qkv_w, qkv_b, proj_w, proj_b, ln2_w, ln2_b, fc_w, fc_b, out_w, out_b = (
                 self.weights[5 + 12 * layer:17 + 12 * layer]
             )
+            proj_w, out_w = proj_w[:-1], out_w[:-1]  # without their bias rows (see `_augmented`)
             qkv = cache[row, start:start + length]  # (L, 3C)
             torch.addmm(qkv_b, torch.layer_norm(x, (width,), ln1_w, ln1_b, eps), qkv_w, out=qkv)
             q, k, v = qkv.view(1, length, 3, heads, self.head_dim).transpose(1, 3).unbind(2)  # 3 x (1, H, L, D)
@@ -731,8 +767,9 @@ def _decode_step(tokens: torch.Tensor, positions: torch.Tensor, weights: list[to
     Matrix products see R >= B rows (a lone row doubled); each block writes the new tokens' query, key and value
     into its cache at column t. `groups`: [first row, end row, first column] of the rows that share
     attention calls; `views`: their query, key and value parts of the cache as (b, H, T, D), three per group and
-    layer. `scratch`: the MLP hidden layers (L, R, inner); x, position embeddings and attention output (R, C); the
-    c_attn and c_fc biases (L, 1, N); the caches as one tensor (L, R, T, 3C). `weights`: see GPT2Forward.__init__.
+    layer. `scratch`: the MLP hidden layers (L, R, inner + 1); x and position embeddings (R, C); attention output
+    (R, C + 1), the last columns of both ones (for the augmented projections, see `_augmented`); the c_attn and c_fc
+    biases (L, 1, N); the caches as one tensor (L, R, T, 3C). `weights`: see GPT2Forward.__init__.
     The output projection goes in pieces of `head_chunk` vocabulary columns.
     With guess >= 0 (one row, R = 2): the spare row takes `guess` as the token after the row's next one, at column
     t + 1 and the next position, and both rows' logits come back, (2, V). Each row's arithmetic is then what its own
@@ -755,17 +792,16 @@ def _decode_step(tokens: torch.Tensor, positions: torch.Tensor, weights: list[to
     calls = [[0, groups[0][2], t], [0, groups[0][2], t + 1]] if speculate else [[g, groups[g][2], t]
                                                                                for g in range(len(groups))]
     slots = kv[:, 0, t:t + 2] if speculate else kv.select(2, t)  # (L, R, 3C): where c_attn writes this step
+    inner = hidden.size(2) - 1
+    body = hidden.narrow(2, 0, inner)  # (L, R, inner): the MLP hidden layers without their column of ones
     # The biases of every block's c_attn and c_fc products, in place in their outputs up front: the products then
     # add onto them (addmm with beta 1, as addmm does after copying a bias in), and no copy runs after a product.
     slots.copy_(qkv_bias)
-    hidden.copy_(fc_bias)
+    body.copy_(fc_bias)
     for layer in range(kv.size(0)):
         w = weights[5 + 12 * layer:17 + 12 * layer]
         qkv = slots[layer]  # (R, 3C)
         _linear(qkv, torch.layer_norm(x, [width], w[0], w[1], eps), w[2], max_rows, qkv)
-        # Residual additions: each bias goes into x once x has been read, and the product lands on x directly
-        # (addmm onto itself): one op fewer after each matrix product, where ops run with cold caches.
-        x += w[5]
         parts: list[torch.Tensor] = []
         for call in calls:
             at, length = 3 * (layer * len(groups) + call[0]), call[2] + 1 - call[1]
@@ -774,13 +810,15 @@ def _decode_step(tokens: torch.Tensor, positions: torch.Tensor, weights: list[to
             v = views[at + 2].narrow(2, call[1], length)
             parts.append(F.scaled_dot_product_attention(q, k, v, scale=scale))
         a = (parts[0] if len(parts) == 1 else torch.cat(parts)).view(batch, width)  # (B, H, 1, D) -> (B, C)
-        if rows > batch:
-            a = attended.copy_(a.expand(rows, width))
-        _linear(x, a, w[4], max_rows, x)
-        h = hidden[layer]
+        attended.narrow(1, 0, width).copy_(a if rows == batch else a.expand(rows, width))
+        # Residual additions: the products land on x directly (addmm onto itself) and add their bias themselves
+        # (augmented: the input's column of ones times the bias row), so that no op runs between a matrix product
+        # and the next layer norm, where ops run with cold caches.
+        _linear(x, attended, w[4], max_rows, x)
+        h = body[layer]  # (R, inner)
         _linear(h, torch.layer_norm(x, [width], w[6], w[7], eps), w[8], max_rows, h)
-        x += w[11]
-        _linear(x, _activate(h, activation), w[10], max_rows, x)
+        _activate(h, activation)
+        _linear(x, hidden[layer], w[10], max_rows, x)
     x = torch.layer_norm(x, [width], weights[2], weights[3], eps)
     head = weights[4]  # (C, V)
     if head_chunk >= head.size(1):
@@ -820,10 +858,11 @@ def _addmm(bias: torch.Tensor | None, x: torch.Tensor, weight: torch.Tensor, out
 
 
 def _activate(h: torch.Tensor, name: str) -> torch.Tensor:
-    """GPT-2's MLP activation, the same ops as transformers' (see `_activation_name`); may overwrite h."""
-    if name == "gelu_new":  # NewGELUActivation, op for op
-        return 0.5 * h * (1.0 + torch.tanh(math.sqrt(2.0 / math.pi) * (h + 0.044715 * torch.pow(h, 3.0))))
-    return torch.ops.aten.gelu_(h, approximate=name)  # in place: the same kernel as F.gelu, the same bits
+    """GPT-2's MLP activation of h, in place: the same ops as transformers' (see `_activation_name`)."""
+    if name == "gelu_new":  # NewGELUActivation, op for op: (0.5 * h) * (1 + tanh(...))
+        gate = 1.0 + torch.tanh(math.sqrt(2.0 / math.pi) * (h + 0.044715 * torch.pow(h, 3.0)))
+        return h.mul_(0.5).mul_(gate)
+    return torch.ops.aten.gelu_(h, approximate=name)  # the same kernel as F.gelu, the same bits
 
 
 def _activation_name(act) -> str | None:
@@ -894,6 +933,30 @@ def _aligned(weight: torch.nn.Parameter, transposed: bool | None = None) -> torc
             weight.data = tensor.t().contiguous().t() if transposed else tensor.clone(
                 memory_format=torch.contiguous_format)
     return weight.detach()
+
+
+def _augmented(weight: torch.nn.Parameter, bias: torch.Tensor, transposed: bool) -> torch.Tensor:
+    """The (K + 1, N) matrix of `weight` (K, N) with `bias` (N,) as its last row, in the given memory layout: times
+    an input whose last column is ones, the product adds the bias itself. That saves a separate bias addition
+    after the product before it, which with cold caches cost about as much as a layer norm (about 30 us at batch 1
+    on the benchmark's model). The bias goes in as the last term of each sum, so a row's bits differ from
+    transformers' addmm(bias, ...) in the last place at most, as any other order of additions would. The parameter
+    becomes a view of the first K rows (one copy in memory, tied weights untouched); a later decoder finds it so."""
+    tensor = weight.detach()
+    (k, n), dtype, device = tensor.shape, tensor.dtype, tensor.device
+    strides = (1, k + 1) if transposed else (n, 1)
+    storage = tensor.untyped_storage()
+    if (tensor.storage_offset() == 0 and tensor.stride() == strides
+            and storage.nbytes() == (k + 1) * n * tensor.element_size()):
+        full = tensor.new_empty(0).set_(storage, 0, (k + 1, n), strides)
+        if torch.equal(full[k], bias):
+            return full
+    full = torch.empty_strided((k + 1, n), strides, dtype=dtype, device=device)
+    with torch.no_grad():
+        full[:k] = tensor
+        full[k] = bias
+        weight.data = full[:k]
+    return full
 
 
 def _row_stable_layout(rows_in: int, widths: Sequence[int], dtype: torch.dtype) -> tuple[bool, int]:

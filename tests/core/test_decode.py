@@ -389,6 +389,41 @@ def test_misaligned_weights_are_realigned_in_place():
     assert _aligned(plain).data_ptr() == plain.data_ptr()  # already aligned: no copy
 
 
+def test_augmented_projection_adds_its_bias_and_keeps_one_copy():
+    from llmctl.core.decode import _augmented
+
+    for transposed in (False, True):
+        weight, bias = torch.nn.Parameter(torch.randn(24, 40)), torch.nn.Parameter(torch.randn(40))
+        values = weight.detach().clone()
+        full = _augmented(weight, bias.detach(), transposed)
+        assert full.shape == (25, 40) and torch.equal(full[:24], values) and torch.equal(full[24], bias.detach())
+        assert full.is_contiguous() != transposed
+        assert weight.data_ptr() == full.data_ptr() and torch.equal(weight, values)  # the parameter: a view
+        x = torch.randn(3, 24)
+        ones = torch.cat([x, torch.ones(3, 1)], 1)
+        torch.testing.assert_close(ones @ full, torch.addmm(bias.detach(), x, values))
+        assert _augmented(weight, bias.detach(), transposed).data_ptr() == full.data_ptr()  # a later decoder
+        with torch.no_grad():
+            bias += 1
+        assert torch.equal(_augmented(weight, bias.detach(), transposed)[24], bias.detach())  # a changed bias
+
+
+def test_decoding_leaves_the_model_working_and_savable(tiny_model_dir, tmp_path):
+    """The decoder re-lays out weights in place: the model's own forward and save_pretrained see the same values."""
+    model = load_model(tiny_model_dir).eval()
+    tokenizer = load_tokenizer(tiny_model_dir)
+    ids = torch.tensor([ids_of(tokenizer)[2]])
+    with torch.no_grad():
+        before = model(ids).logits
+    decode(Decoder(model, tokenizer), ids.tolist(), GREEDY)
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids).logits, before)
+    model.save_pretrained(tmp_path)
+    again = load_model(tmp_path).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(again(ids).logits, before)
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # Row-stable layouts and speculation
 
