@@ -645,12 +645,12 @@ class GPT2Forward:
         if self.decode_step is None:
             self.decode_step = _scripted(_decode_step)
         if self.lists is None:
-            self.lists = self._pack(self.weights, self.views, self.scratch, self.groups)
-        weights, views, scratch, groups = self.lists
+            self.lists = self._pack(self.weights[:5], self.layers, self.views, self.scratch, self.groups)
+        weights, layers, views, scratch, groups = self.lists
         with torch.jit.optimized_execution(False):  # run the ops as written: no fusion, no specialisation
-            logits = self.decode_step(tokens, self.next_pos, weights, views, scratch, self.t, groups, self.rows,
-                                      self.eps, self.scale, self.activation, self.max_rows, self.head_chunk,
-                                      -1 if guess is None else guess)
+            logits = self.decode_step(tokens, self.next_pos, weights, layers, views, scratch, self.t, groups,
+                                      self.rows, self.eps, self.scale, self.activation, self.max_rows,
+                                      self.head_chunk, -1 if guess is None else guess)
         self.t += 1
         return logits
 
@@ -722,16 +722,23 @@ class GPT2Forward:
         for cache in self.kv.unbind(0):
             parts = cache.view(cache.size(0), cache.size(1), 3, self.n_head, self.head_dim).unbind(2)  # (R, T, H, D)
             self.views += [part.transpose(1, 2)[lo:end] for lo, end, _ in self.groups for part in parts]
-        # A step's embeddings, MLP hidden layers and (for a lone row) attention output, preallocated: an allocation
-        # is a few microseconds of cold code after a matrix product. (Layer norms allocate: their out= variant
-        # copies, and measured slower.)
+        # A step's embeddings, MLP hidden layers and attention output, preallocated, and the views of them a step
+        # uses made here once: an allocation or a view is a few microseconds of cold code after a matrix product.
+        # (Layer norms allocate: their out= variant copies, and measured slower.) The inputs of the augmented
+        # products end in a column of ones (see `_augmented`).
         rows, width = self.rows, self.width
         new, inner = self.wte.new_empty, self.weights[13].size(1)  # the first c_fc: (C, inner)
-        # The inputs of the augmented products end in a column of ones (see `_augmented`).
         hidden, attended = new(self.n_layer, rows, inner + 1), new(rows, width + 1)
         hidden[..., inner] = 1
         attended[:, width] = 1
-        self.scratch = [hidden, new(rows, width), new(rows, width), attended, *self.biases, self.kv]
+        self.scratch = [hidden[..., :inner], new(rows, width), new(rows, width), attended, attended[:, :width],
+                        *self.biases, self.kv]
+        # Per block: ln_1, c_attn, attn c_proj (augmented), ln_2, c_fc, mlp c_proj (augmented); its hidden layer
+        # with and without the ones.
+        self.layers = []
+        for layer, h in enumerate(hidden.unbind(0)):
+            w = self.weights[5 + 12 * layer:17 + 12 * layer]
+            self.layers.append([w[0], w[1], w[2], w[4], w[6], w[7], w[8], w[10], h, h[:, :inner]])
 
     def _prefill_row(self, ids: torch.Tensor, row: int, start: int) -> torch.Tensor:
         """Run one prompt (L,) through the blocks, filling its cache columns start..; logits (1, V)."""
@@ -760,21 +767,22 @@ class GPT2Forward:
 
 
 def _decode_step(tokens: torch.Tensor, positions: torch.Tensor, weights: list[torch.Tensor],
-                 views: list[torch.Tensor], scratch: list[torch.Tensor], t: int, groups: list[list[int]], rows: int,
-                 eps: float, scale: float, activation: str, max_rows: int, head_chunk: int,
-                 guess: int) -> torch.Tensor:
+                 layers: list[list[torch.Tensor]], views: list[torch.Tensor], scratch: list[torch.Tensor], t: int,
+                 groups: list[list[int]], rows: int, eps: float, scale: float, activation: str, max_rows: int,
+                 head_chunk: int, guess: int) -> torch.Tensor:
     """Logits (B, V) of B rows after their next tokens (B,) at their positions (B,), which it advances by one.
     Matrix products see R >= B rows (a lone row doubled); each block writes the new tokens' query, key and value
-    into its cache at column t. `groups`: [first row, end row, first column] of the rows that share
-    attention calls; `views`: their query, key and value parts of the cache as (b, H, T, D), three per group and
-    layer. `scratch`: the MLP hidden layers (L, R, inner + 1); x and position embeddings (R, C); attention output
-    (R, C + 1), the last columns of both ones (for the augmented projections, see `_augmented`); the c_attn and c_fc
-    biases (L, 1, N); the caches as one tensor (L, R, T, 3C). `weights`: see GPT2Forward.__init__.
+    into its cache at column t. `weights`: the embeddings, the final layer norm and the output projection (C, V);
+    `layers`: per block its weights and hidden-layer views (see GPT2Forward._arrange). `groups`: [first row, end
+    row, first column] of the rows that share attention calls; `views`: their query, key and value parts of the
+    cache as (b, H, T, D), three per group and layer. `scratch`: the MLP hidden layers without their column of ones
+    (L, R, inner); x and position embeddings (R, C); attention output (R, C + 1) with a last column of ones, and
+    (R, C) without it; the c_attn and c_fc biases (L, 1, N); the caches as one tensor (L, R, T, 3C).
     The output projection goes in pieces of `head_chunk` vocabulary columns.
     With guess >= 0 (one row, R = 2): the spare row takes `guess` as the token after the row's next one, at column
     t + 1 and the next position, and both rows' logits come back, (2, V). Each row's arithmetic is then what its own
     step would be: the same matrix-product rows, the same attention calls over the same keys."""
-    hidden, x, embedded, attended, qkv_bias, fc_bias, kv = scratch
+    hidden, x, embedded, attended, attended_body, qkv_bias, fc_bias, kv = scratch
     speculate = guess >= 0
     if speculate:
         tokens = torch.cat([tokens, tokens.new_full([1], guess)])
@@ -792,14 +800,12 @@ def _decode_step(tokens: torch.Tensor, positions: torch.Tensor, weights: list[to
     calls = [[0, groups[0][2], t], [0, groups[0][2], t + 1]] if speculate else [[g, groups[g][2], t]
                                                                                for g in range(len(groups))]
     slots = kv[:, 0, t:t + 2] if speculate else kv.select(2, t)  # (L, R, 3C): where c_attn writes this step
-    inner = hidden.size(2) - 1
-    body = hidden.narrow(2, 0, inner)  # (L, R, inner): the MLP hidden layers without their column of ones
     # The biases of every block's c_attn and c_fc products, in place in their outputs up front: the products then
     # add onto them (addmm with beta 1, as addmm does after copying a bias in), and no copy runs after a product.
     slots.copy_(qkv_bias)
-    body.copy_(fc_bias)
-    for layer in range(kv.size(0)):
-        w = weights[5 + 12 * layer:17 + 12 * layer]
+    hidden.copy_(fc_bias)
+    for layer in range(len(layers)):
+        w = layers[layer]
         qkv = slots[layer]  # (R, 3C)
         _linear(qkv, torch.layer_norm(x, [width], w[0], w[1], eps), w[2], max_rows, qkv)
         parts: list[torch.Tensor] = []
@@ -810,15 +816,18 @@ def _decode_step(tokens: torch.Tensor, positions: torch.Tensor, weights: list[to
             v = views[at + 2].narrow(2, call[1], length)
             parts.append(F.scaled_dot_product_attention(q, k, v, scale=scale))
         a = (parts[0] if len(parts) == 1 else torch.cat(parts)).view(batch, width)  # (B, H, 1, D) -> (B, C)
-        attended.narrow(1, 0, width).copy_(a if rows == batch else a.expand(rows, width))
+        attended_body.copy_(a if rows == batch else a.expand(rows, width))
         # Residual additions: the products land on x directly (addmm onto itself) and add their bias themselves
         # (augmented: the input's column of ones times the bias row), so that no op runs between a matrix product
         # and the next layer norm, where ops run with cold caches.
-        _linear(x, attended, w[4], max_rows, x)
-        h = body[layer]  # (R, inner)
-        _linear(h, torch.layer_norm(x, [width], w[6], w[7], eps), w[8], max_rows, h)
+        _linear(x, attended, w[3], max_rows, x)
+        h = w[9]  # (R, inner)
+        _linear(h, torch.layer_norm(x, [width], w[4], w[5], eps), w[6], max_rows, h)
+        # In place on a strided view (rows of inner + 1): ATen's elementwise kernels then take their 2-D path for
+        # every R >= 2, the same bits for a row whatever its batch (a contiguous tensor takes a 1-D path with other
+        # bits), and for the GELU that path measured twice as fast.
         _activate(h, activation)
-        _linear(x, hidden[layer], w[10], max_rows, x)
+        _linear(x, w[8], w[7], max_rows, x)
     x = torch.layer_norm(x, [width], weights[2], weights[3], eps)
     head = weights[4]  # (C, V)
     if head_chunk >= head.size(1):
