@@ -634,7 +634,6 @@ class GPT2Forward:
         self.kv = self.wte.new_empty((self.n_layer, self.rows, length + max_new, 3 * self.width))  # (L, R, T, 3C)
         self.t = length  # the column the next token goes in, the same for every row
         logits = [self._prefill_row(ids[row, start:], row, start) for row, start in enumerate(self.starts)]
-        self.next_pos = torch.tensor([length - s for s in self.starts], device=ids.device)  # (B,)
         self._arrange()
         return torch.cat(logits)
 
@@ -648,7 +647,7 @@ class GPT2Forward:
             self.lists = self._pack(self.weights[:5], self.layers, self.views, self.scratch, self.groups)
         weights, layers, views, scratch, groups = self.lists
         with torch.jit.optimized_execution(False):  # run the ops as written: no fusion, no specialisation
-            logits = self.decode_step(tokens, self.next_pos, weights, layers, views, scratch, self.t, groups,
+            logits = self.decode_step(tokens, self.start_columns, weights, layers, views, scratch, self.t, groups,
                                       self.rows, self.eps, self.scale, self.activation, self.max_rows,
                                       self.head_chunk, -1 if guess is None else guess)
         self.t += 1
@@ -670,11 +669,9 @@ class GPT2Forward:
     def accept(self) -> None:
         """The guess of the last step was right: its key and value stay in the cache."""
         self.t += 1
-        self.next_pos += 1
 
     def select(self, rows: torch.Tensor) -> None:
         self.starts = [self.starts[i] for i in rows.tolist()]
-        self.next_pos = self.next_pos[rows]
         self.rows = self._rows(len(rows))
         if self.rows > len(rows):
             rows = rows.expand(self.rows)
@@ -715,6 +712,7 @@ class GPT2Forward:
 
     def _arrange(self) -> None:
         self.groups = [list(run) for run in _runs(self.starts)]
+        self.start_columns = torch.tensor(self.starts, device=self.kv.device)  # (B,): a row's position is t - start
         self.lists = None  # the step's list arguments, packed at the next step (see `_pack`)
         # Per layer and group, the queries, keys and values of the group's rows as (b, H, T, D) views of the cache:
         # a step narrows them to its columns (one op each, not five).
@@ -731,8 +729,9 @@ class GPT2Forward:
         hidden, attended = new(self.n_layer, rows, inner + 1), new(rows, width + 1)
         hidden[..., inner] = 1
         attended[:, width] = 1
-        self.scratch = [hidden[..., :inner], new(rows, width), new(rows, width), attended, attended[:, :width],
-                        *self.biases, self.kv]
+        heads = attended[:, :width].view(rows, self.n_head, 1, self.head_dim)  # as attention returns it
+        self.scratch = [hidden[..., :inner], new(rows, width), new(rows, width), attended, heads, *self.biases,
+                        self.kv]
         # Per block: ln_1, c_attn, attn c_proj (augmented), ln_2, c_fc, mlp c_proj (augmented); its hidden layer
         # with and without the ones.
         self.layers = []
@@ -766,35 +765,33 @@ class GPT2Forward:
 # (it is deprecated), the same functions run as plain Python.
 
 
-def _decode_step(tokens: torch.Tensor, positions: torch.Tensor, weights: list[torch.Tensor],
+def _decode_step(tokens: torch.Tensor, starts: torch.Tensor, weights: list[torch.Tensor],
                  layers: list[list[torch.Tensor]], views: list[torch.Tensor], scratch: list[torch.Tensor], t: int,
                  groups: list[list[int]], rows: int, eps: float, scale: float, activation: str, max_rows: int,
                  head_chunk: int, guess: int) -> torch.Tensor:
-    """Logits (B, V) of B rows after their next tokens (B,) at their positions (B,), which it advances by one.
-    Matrix products see R >= B rows (a lone row doubled); each block writes the new tokens' query, key and value
-    into its cache at column t. `weights`: the embeddings, the final layer norm and the output projection (C, V);
-    `layers`: per block its weights and hidden-layer views (see GPT2Forward._arrange). `groups`: [first row, end
-    row, first column] of the rows that share attention calls; `views`: their query, key and value parts of the
-    cache as (b, H, T, D), three per group and layer. `scratch`: the MLP hidden layers without their column of ones
-    (L, R, inner); x and position embeddings (R, C); attention output (R, C + 1) with a last column of ones, and
-    (R, C) without it; the c_attn and c_fc biases (L, 1, N); the caches as one tensor (L, R, T, 3C).
-    The output projection goes in pieces of `head_chunk` vocabulary columns.
+    """Logits (B, V) of B rows after their next tokens (B,) at column t of the cache, each row at position t minus
+    its start column (`starts`, (B,)). Matrix products see R >= B rows (a lone row doubled); each block writes the
+    new tokens' query, key and value into its cache at column t. `weights`: the embeddings, the final layer norm
+    and the output projection (C, V); `layers`: per block its weights and hidden-layer views (see
+    GPT2Forward._arrange). `groups`: [first row, end row, first column] of the rows that share attention calls;
+    `views`: their query, key and value parts of the cache as (b, H, T, D), three per group and layer. `scratch`:
+    the MLP hidden layers without their column of ones (L, R, inner); x and position embeddings (R, C); attention
+    output (R, C + 1) with a last column of ones, and the rest of it as (R, H, 1, D); the c_attn and c_fc biases
+    (L, 1, N); the caches as one tensor (L, R, T, 3C). The output projection goes in pieces of `head_chunk`
+    vocabulary columns.
     With guess >= 0 (one row, R = 2): the spare row takes `guess` as the token after the row's next one, at column
     t + 1 and the next position, and both rows' logits come back, (2, V). Each row's arithmetic is then what its own
     step would be: the same matrix-product rows, the same attention calls over the same keys."""
-    hidden, x, embedded, attended, attended_body, qkv_bias, fc_bias, kv = scratch
+    hidden, x, embedded, attended, heads, qkv_bias, fc_bias, kv = scratch
     speculate = guess >= 0
     if speculate:
         tokens = torch.cat([tokens, tokens.new_full([1], guess)])
-        where = torch.cat([positions, positions + 1])
-    else:
-        where = positions
     batch = tokens.size(0)
-    if rows > batch:  # a lone row: both rows of the products get it
-        tokens, where = tokens.expand(rows), where.expand(rows)
-    torch.index_select(weights[0], 0, tokens, out=x)  # (R, C)
-    x += torch.index_select(weights[1], 0, where, out=embedded)
-    positions += 1
+    torch.index_select(weights[0], 0, tokens.expand(rows) if rows > batch else tokens, out=x)  # (R, C)
+    if len(groups) == 1:  # one position for all rows (two in a row for a guess): a view of the table
+        x += weights[1].narrow(0, t - groups[0][2], batch if speculate else 1)
+    else:
+        x += torch.index_select(weights[1], 0, t - starts, out=embedded)
     width = x.size(1)
     # [group, first column, query column] of each attention call
     calls = [[0, groups[0][2], t], [0, groups[0][2], t + 1]] if speculate else [[g, groups[g][2], t]
@@ -815,8 +812,7 @@ def _decode_step(tokens: torch.Tensor, positions: torch.Tensor, weights: list[to
             k = views[at + 1].narrow(2, call[1], length)  # (b, H, L, D)
             v = views[at + 2].narrow(2, call[1], length)
             parts.append(F.scaled_dot_product_attention(q, k, v, scale=scale))
-        a = (parts[0] if len(parts) == 1 else torch.cat(parts)).view(batch, width)  # (B, H, 1, D) -> (B, C)
-        attended_body.copy_(a if rows == batch else a.expand(rows, width))
+        heads.copy_(parts[0] if len(parts) == 1 else torch.cat(parts))  # (B, H, 1, D); a lone row into both rows
         # Residual additions: the products land on x directly (addmm onto itself) and add their bias themselves
         # (augmented: the input's column of ones times the bias row), so that no op runs between a matrix product
         # and the next layer norm, where ops run with cold caches.
