@@ -740,22 +740,29 @@ class GPT2Forward:
             self.layers.append([w[0], w[1], w[2], w[4], w[6], w[7], w[8], w[10], h, h[:, :inner]])
 
     def _prefill_row(self, ids: torch.Tensor, row: int, start: int) -> torch.Tensor:
-        """Run one prompt (L,) through the blocks, filling its cache columns start..; logits (1, V)."""
+        """Run one prompt (L,) through the blocks, filling its cache columns start..; logits (1, V). The same
+        arrangement as a decode step: the projections onto x augmented and in place, the activation on a strided
+        view (see `_decode_step`)."""
         (length,), width, heads, eps = ids.shape, self.width, self.n_head, self.eps
+        inner = self.weights[13].size(1)
         x = F.embedding(ids, self.wte) + self.wpe[:length]  # (L, C)
+        attended, hidden = self.wte.new_empty((length, width + 1)), self.wte.new_empty((length, inner + 1))
+        attended[:, width] = 1
+        hidden[:, inner] = 1
         for layer, cache in enumerate(self.kv.unbind(0)):
-            ln1_w, ln1_b, qkv_w, qkv_b, proj_w, proj_b, ln2_w, ln2_b, fc_w, fc_b, out_w, out_b = (
+            ln1_w, ln1_b, qkv_w, qkv_b, proj_w, _, ln2_w, ln2_b, fc_w, fc_b, out_w, _ = (
                 self.weights[5 + 12 * layer:17 + 12 * layer]
             )
-            proj_w, out_w = proj_w[:-1], out_w[:-1]  # without their bias rows (see `_augmented`)
             qkv = cache[row, start:start + length]  # (L, 3C)
             torch.addmm(qkv_b, torch.layer_norm(x, (width,), ln1_w, ln1_b, eps), qkv_w, out=qkv)
             q, k, v = qkv.view(1, length, 3, heads, self.head_dim).transpose(1, 3).unbind(2)  # 3 x (1, H, L, D)
             a = F.scaled_dot_product_attention(q, k, v, is_causal=length > 1, scale=self.scale)
-            a = a.transpose(1, 2).reshape(length, width)
-            x = torch.addmm(proj_b, a, proj_w) + x
-            h = torch.addmm(fc_b, torch.layer_norm(x, (width,), ln2_w, ln2_b, eps), fc_w)
-            x = torch.addmm(out_b, _activate(h, self.activation), out_w) + x
+            attended[:, :width].view(1, length, heads, self.head_dim).copy_(a.transpose(1, 2))
+            torch.addmm(x, attended, proj_w, out=x)
+            h = hidden[:, :inner]
+            torch.addmm(fc_b, torch.layer_norm(x, (width,), ln2_w, ln2_b, eps), fc_w, out=h)
+            _activate(h, self.activation)
+            torch.addmm(x, hidden, out_w, out=x)
         x = torch.layer_norm(x[-1:], (width,), self.ln_f[0], self.ln_f[1], eps)  # (1, C): only the last position
         return F.linear(x, self.lm_head).float()  # (1, V)
 
