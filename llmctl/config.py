@@ -358,8 +358,8 @@ class GenerateConfig:
     batch_invariant: bool = True
     """GPT-2 on CPU: each prompt's output is the same, bit for bit, however prompts are batched (a lone prompt goes
     through the matrix products as two rows, as BLAS adds up a single row in another order). False takes the
-    single-row path, about 10% faster at batch 1 (and without speculation), but a sampled token can then differ now
-    and then between batch sizes."""
+    single-row path, a few percent faster at batch 1 (and without speculation), but a sampled token can then differ
+    now and then between batch sizes."""
     speculate: bool = True
     """Decoding a lone prompt (batch 1, or the last prompt of a batch) guesses each next token from the text so far
     (the token that followed the latest earlier occurrence of the last 1-3 tokens) and checks the guess in the same

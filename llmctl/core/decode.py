@@ -554,7 +554,9 @@ class GPT2Forward:
     - which weight layout, and how many rows at most, keep every row's bits is measured on this machine, once per
       weight shape (see `_row_stable_layout`); big batches go through the products in pieces of that many rows.
       A layout is picked for speed where both keep the bits: with MKL on an AVX-512 Xeon, the transposed layout
-      makes a 2-row product of the MLP weights about 15% faster than GPT-2's own, and is kept for any 2-15 rows.
+      makes a 2-row product of the 384 x 1536 MLP weight about 15% faster than GPT-2's own, and is kept for any
+      2-15 rows. (For some shapes, such as 384 x 1152 on 2 threads, the transposed layout keeps a row's bits for
+      only 2-3 rows: batches would then go in pieces of 3, so it is not used there, though faster at batch 1.)
     """
 
     MIN_ROWS = 2
@@ -951,9 +953,10 @@ def _augmented(weight: torch.nn.Parameter, bias: torch.Tensor, transposed: bool)
     """The (K + 1, N) matrix of `weight` (K, N) with `bias` (N,) as its last row, in the given memory layout: times
     an input whose last column is ones, the product adds the bias itself. That saves a separate bias addition
     after the product before it, which with cold caches cost about as much as a layer norm (about 30 us at batch 1
-    on the benchmark's model). The bias goes in as the last term of each sum, so a row's bits differ from
-    transformers' addmm(bias, ...) in the last place at most, as any other order of additions would. The parameter
-    becomes a view of the first K rows (one copy in memory, tied weights untouched); a later decoder finds it so."""
+    on the benchmark's model). The bias goes in as the last term of each sum, so a row's result can differ from
+    transformers' addmm(bias, ...) by rounding, as with any other order of additions (the products themselves
+    already differ: see GPT2Forward). The parameter becomes a view of the first K rows (one copy in memory); a
+    later decoder finds it so."""
     tensor = weight.detach()
     (k, n), dtype, device = tensor.shape, tensor.dtype, tensor.device
     strides = (1, k + 1) if transposed else (n, 1)
