@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import json
 import shutil
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -65,12 +66,8 @@ def load_checkpoint_fsdp(path: Path, model: torch.nn.Module, optimizers: list) -
 
     path = Path(path)
     meta = read_meta(path)
-    try:
+    with _reading_weights(path):
         weights = load_file(str(path / WEIGHTS))
-    except FileNotFoundError:
-        raise CheckpointError(f"checkpoint {path} is incomplete: {WEIGHTS} is missing") from None
-    except (SafetensorError, OSError, RuntimeError, ValueError) as exc:
-        raise CheckpointError(f"checkpoint {path} is corrupted: {WEIGHTS}: {first_line(exc)}") from None
     state = _load_state(path, "cpu")
     options = StateDictOptions(full_state_dict=True, strict=False)
     set_model_state_dict(model, weights, options=options)
@@ -94,18 +91,25 @@ def load_checkpoint(path: Path, model: torch.nn.Module, map_location: str | torc
     """Load weights into `model` (strictly: every tensor must match) and return (state, meta)."""
     path = Path(path)
     meta = read_meta(path)
-    try:
+    with _reading_weights(path):
         missing, unexpected = load_safetensors_model(model, str(path / WEIGHTS), strict=False, device=str(map_location))
-    except FileNotFoundError:
-        raise CheckpointError(f"checkpoint {path} is incomplete: {WEIGHTS} is missing") from None
-    except (SafetensorError, OSError, RuntimeError, ValueError) as exc:
-        raise CheckpointError(f"checkpoint {path} is corrupted: {WEIGHTS}: {first_line(exc)}") from None
     if missing or unexpected:
         raise CheckpointError(
             f"checkpoint {path} does not fit this model (missing {sorted(missing)[:3]}, unexpected "
             f"{sorted(unexpected)[:3]}); was it written for another model shape?"
         )
     return _load_state(path, map_location), meta
+
+
+@contextmanager
+def _reading_weights(path: Path) -> Iterator[None]:
+    """Turns a missing or unreadable weights file of the checkpoint at `path` into a one-line CheckpointError."""
+    try:
+        yield
+    except FileNotFoundError:
+        raise CheckpointError(f"checkpoint {path} is incomplete: {WEIGHTS} is missing") from None
+    except (SafetensorError, OSError, RuntimeError, ValueError) as exc:
+        raise CheckpointError(f"checkpoint {path} is corrupted: {WEIGHTS}: {first_line(exc)}") from None
 
 
 def _load_state(path: Path, map_location: str | torch.device) -> dict[str, Any]:
