@@ -608,21 +608,21 @@ class GPT2Forward:
         self.head_chunk = self.HEAD_CHUNK if self.invariant else head.shape[1]  # columns per output product
         if self.invariant:
             transposed, head, self.max_rows = self._plan_layouts(blocks[0], head)
-        # What `_decode_step` reads: the embeddings, the final layer norm, the output projection (C, V), then 12
-        # per block (ln_1, c_attn, attn c_proj, ln_2, c_fc, mlp c_proj); matrices (K, N), in either memory layout.
-        # The two projections onto the residual stream come with their bias as an extra row, (K + 1, N) (see
-        # `_augmented`): their inputs end in a column of ones, and the product adds the bias.
+        # What `_decode_step` reads: the embeddings, the final layer norm and the output projection (C, V); then per
+        # block its 12 weights, in the order of `blocks` above, matrices (K, N) in either memory layout. The two
+        # projections onto the residual stream come with their bias as an extra row, (K + 1, N) (see `_augmented`):
+        # their inputs end in a column of ones, and the product adds the bias.
         self.weights = [self.wte, self.wpe, *self.ln_f, head]
-        for block in blocks:
-            self.weights += [
-                _augmented(w, _aligned(block[i + 1]), transposed.get(i, False)) if i in self.AUGMENTED
-                else _aligned(w, transposed.get(i)) for i, w in enumerate(block)
-            ]
+        self.blocks = [
+            [_augmented(w, _aligned(block[i + 1]), transposed.get(i, False)) if i in self.AUGMENTED
+             else _aligned(w, transposed.get(i)) for i, w in enumerate(block)]
+            for block in blocks
+        ]
         self.n_layer = len(transformer.h)
+        self.inner = self.blocks[0][8].size(1)  # the MLP's width: c_fc is (C, inner)
         # The c_attn and c_fc biases of all blocks, (L, 1, N): a step writes them into its products' outputs in two
         # ops, where addmm would copy each in after its product, with cold caches (see `_decode_step`).
-        self.biases = [torch.stack([self.weights[5 + 12 * layer + i] for layer in range(self.n_layer)])[:, None]
-                       for i in (3, 9)]
+        self.biases = [torch.stack([block[i] for block in self.blocks])[:, None] for i in (3, 9)]
         self.decode_step = None  # compiled at the first step, after the first token
 
     def prefill(self, ids: torch.Tensor, mask: torch.Tensor, max_new: int) -> torch.Tensor:
@@ -646,7 +646,7 @@ class GPT2Forward:
         if self.decode_step is None:
             self.decode_step = _scripted(_decode_step)
         if self.lists is None:
-            self.lists = self._pack(self.weights[:5], self.layers, self.views, self.scratch, self.groups)
+            self.lists = self._pack(self.weights, self.layers, self.views, self.scratch, self.groups)
         weights, layers, views, scratch, groups = self.lists
         with torch.jit.optimized_execution(False):  # run the ops as written: no fusion, no specialisation
             logits = self.decode_step(tokens, self.start_columns, weights, layers, views, scratch, self.t, groups,
@@ -726,35 +726,31 @@ class GPT2Forward:
         # uses made here once: an allocation or a view is a few microseconds of cold code after a matrix product.
         # (Layer norms allocate: their out= variant copies, and measured slower.) The inputs of the augmented
         # products end in a column of ones (see `_augmented`).
-        rows, width = self.rows, self.width
-        new, inner = self.wte.new_empty, self.weights[13].size(1)  # the first c_fc: (C, inner)
-        hidden, attended = new(self.n_layer, rows, inner + 1), new(rows, width + 1)
-        hidden[..., inner] = 1
-        attended[:, width] = 1
+        rows, width, inner, new = self.rows, self.width, self.inner, self.wte.new_empty
+        hidden, attended = self._with_ones(self.n_layer, rows, inner), self._with_ones(rows, width)
         heads = attended[:, :width].view(rows, self.n_head, 1, self.head_dim)  # as attention returns it
         self.scratch = [hidden[..., :inner], new(rows, width), new(rows, width), attended, heads, *self.biases,
                         self.kv]
         # Per block: ln_1, c_attn, attn c_proj (augmented), ln_2, c_fc, mlp c_proj (augmented); its hidden layer
         # with and without the ones.
-        self.layers = []
-        for layer, h in enumerate(hidden.unbind(0)):
-            w = self.weights[5 + 12 * layer:17 + 12 * layer]
-            self.layers.append([w[0], w[1], w[2], w[4], w[6], w[7], w[8], w[10], h, h[:, :inner]])
+        self.layers = [[w[0], w[1], w[2], w[4], w[6], w[7], w[8], w[10], h, h[:, :inner]]
+                       for w, h in zip(self.blocks, hidden.unbind(0))]
+
+    def _with_ones(self, *shape: int) -> torch.Tensor:
+        """An input buffer for an augmented product (see `_augmented`): `shape` with one more last column, of ones."""
+        buffer = self.wte.new_empty((*shape[:-1], shape[-1] + 1))
+        buffer[..., -1] = 1
+        return buffer
 
     def _prefill_row(self, ids: torch.Tensor, row: int, start: int) -> torch.Tensor:
         """Run one prompt (L,) through the blocks, filling its cache columns start..; logits (1, V). The same
         arrangement as a decode step: the projections onto x augmented and in place, the activation on a strided
         view (see `_decode_step`)."""
-        (length,), width, heads, eps = ids.shape, self.width, self.n_head, self.eps
-        inner = self.weights[13].size(1)
+        (length,), width, inner, heads, eps = ids.shape, self.width, self.inner, self.n_head, self.eps
         x = F.embedding(ids, self.wte) + self.wpe[:length]  # (L, C)
-        attended, hidden = self.wte.new_empty((length, width + 1)), self.wte.new_empty((length, inner + 1))
-        attended[:, width] = 1
-        hidden[:, inner] = 1
-        for layer, cache in enumerate(self.kv.unbind(0)):
-            ln1_w, ln1_b, qkv_w, qkv_b, proj_w, _, ln2_w, ln2_b, fc_w, fc_b, out_w, _ = (
-                self.weights[5 + 12 * layer:17 + 12 * layer]
-            )
+        attended, hidden = self._with_ones(length, width), self._with_ones(length, inner)
+        for block, cache in zip(self.blocks, self.kv.unbind(0)):
+            ln1_w, ln1_b, qkv_w, qkv_b, proj_w, _, ln2_w, ln2_b, fc_w, fc_b, out_w, _ = block
             qkv = cache[row, start:start + length]  # (L, 3C)
             torch.addmm(qkv_b, torch.layer_norm(x, (width,), ln1_w, ln1_b, eps), qkv_w, out=qkv)
             q, k, v = qkv.view(1, length, 3, heads, self.head_dim).transpose(1, 3).unbind(2)  # 3 x (1, H, L, D)
