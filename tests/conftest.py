@@ -161,3 +161,26 @@ def write_prepared(path: Path, text: str, tokenizer_dir: Path, val_fraction: flo
 def prepared_dir(tmp_path: Path, corpus_text: str, tokenizer_dir: Path) -> Path:
     """Prepared shards of the test corpus (byte vocabulary, last 10% as validation)."""
     return write_prepared(tmp_path / "prepared", corpus_text, tokenizer_dir)
+
+
+@pytest.fixture(scope="session")
+def tiny_llama_dir(tmp_path_factory, tokenizer_dir: Path) -> Path:
+    """A 2-layer, 32-wide Llama (RoPE, RMSNorm, SwiGLU, grouped-query attention: 4 query heads sharing 2 key/value
+    heads) with random weights and the byte tokenizer, saved as a Hugging Face model directory."""
+    import torch
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    from llmctl.core.model import load_tokenizer
+
+    torch.manual_seed(0)
+    tokenizer = load_tokenizer(tokenizer_dir)
+    config = LlamaConfig(
+        vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=128, bos_token_id=tokenizer.eos_token_id,
+        eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.eos_token_id, tie_word_embeddings=False,
+    )
+    model = AutoModelForCausalLM.from_config(config)
+    path = tmp_path_factory.mktemp("tiny-llama")
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
