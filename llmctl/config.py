@@ -42,6 +42,10 @@ ACTIVATIONS = (
 this list is looked up in ACT2FN itself before it is refused."""
 
 
+ATTENTION_KERNELS = ("sdpa", "eager", "flash_attention_2", "flash_attention_3", "flex_attention")
+"""The attention kernels transformers' attn_implementation takes (the last three need a GPU and their package)."""
+
+
 def seed_problems(key: str, seed: int | None) -> list[str]:
     if seed is not None and not 0 <= seed <= MAX_SEED:
         return [f"{key}: {seed} is outside the seeds torch accepts (0 to 2**64 - 1)"]
@@ -241,8 +245,9 @@ class ModelConfig:
             close = difflib.get_close_matches(self.activation, ACTIVATIONS, n=1, cutoff=0.6)
             hint = f"did you mean {close[0]}?" if close else f"expected one of {', '.join(ACTIVATIONS)}"
             problems.append(f"activation: unknown activation {self.activation!r}; {hint}")
-        if self.attn_implementation not in ("sdpa", "eager"):
-            problems.append(f"attn_implementation: must be sdpa or eager, not {self.attn_implementation!r}")
+        if self.attn_implementation not in ATTENTION_KERNELS:
+            problems.append(f"attn_implementation: must be one of {', '.join(ATTENTION_KERNELS)}, not "
+                            f"{self.attn_implementation!r}")
         return problems
 
 

@@ -178,27 +178,25 @@ def check_loaded(model, info: dict[str, Any], name: str, task: str) -> None:
     left over in the files, or are NaN/inf."""
     import torch
 
-    missing = sorted(info.get("missing_keys") or [])
     prefix = getattr(model, "base_model_prefix", "") or ""
-    architectures = getattr(model.config, "architectures", None) or []
-    same_class = type(model).__name__ in architectures
-    # A head on a bare or other-headed checkpoint is new by design (a classifier fine-tuned from a causal LM);
-    # a missing weight of the body never is.
-    missing = [k for k in missing if same_class or (prefix and k.startswith(prefix + "."))]
-    if missing:
-        more = f" and {len(missing) - 1} more" if len(missing) > 1 else ""
-        raise ModelError(
-            f"model {name}: the weights have no tensor {missing[0]}{more}, which its config.json asks for (it "
-            "would be randomly initialised); does config.json describe a larger model than the weights hold?"
-        )
-    unexpected = sorted(info.get("unexpected_keys") or [])
-    unexpected = [k for k in unexpected if same_class or (prefix and k.startswith(prefix + "."))]
-    if unexpected:
-        more = f" and {len(unexpected) - 1} more" if len(unexpected) > 1 else ""
-        raise ModelError(
-            f"model {name}: the weights hold tensor {unexpected[0]}{more}, which the model its config.json describes "
-            "has no place for; does config.json describe a smaller model than the weights hold?"
-        )
+    same_class = type(model).__name__ in (getattr(model.config, "architectures", None) or [])
+
+    def of_concern(keys) -> list[str]:
+        # A head on a bare or other-headed checkpoint is new by design (a classifier fine-tuned from a causal LM);
+        # a weight of the body never is.
+        return sorted(k for k in keys or [] if same_class or (prefix and k.startswith(prefix + ".")))
+
+    problems = {
+        "missing_keys": "the weights have no tensor {key}{more}, which its config.json asks for (it would be randomly "
+                        "initialised); does config.json describe a larger model than the weights hold?",
+        "unexpected_keys": "the weights hold tensor {key}{more}, which the model its config.json describes has no "
+                           "place for; does config.json describe a smaller model than the weights hold?",
+    }
+    for kind, message in problems.items():
+        keys = of_concern(info.get(kind))
+        if keys:
+            more = f" and {len(keys) - 1} more" if len(keys) > 1 else ""
+            raise ModelError(f"model {name}: " + message.format(key=keys[0], more=more))
     with torch.no_grad():
         for key, tensor in model.state_dict().items():
             if tensor.is_floating_point() and tensor.device.type != "meta" and not torch.isfinite(tensor).all():
