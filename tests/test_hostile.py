@@ -376,6 +376,12 @@ CASES = [
         ["train", "-q", "-o", str(t / "r"), "--set", "train.task=classification", "--set", "data.inputs=[/dev/zero]",
          "--set", "train.max_steps=1", *TINY], None),
          lambda w, t: ["/dev/zero", "longer than"], limit_as=AS_LIMIT),
+    *[case(f"mem-train-sft-{what}", lambda w, t, make=make: (
+        ["train", "-q", "-o", str(t / "r"), "--set", "train.task=sft", "--set", f"data.inputs=[{make(t)}]", "--set",
+         "sft.chat_template=chatml", "--set", "train.max_steps=1", *TINY], None),
+        lambda w, t, name=name: [name, "longer than"], limit_as=AS_LIMIT)
+      for what, make, name in [("dev-zero", lambda t: "/dev/zero", "/dev/zero:1"),
+                               ("50mb-line", lambda t: _big_line(t, name="sft.jsonl"), "sft.jsonl:1")]],
     # 2 and 3. model directories: damaged, pickle-only, shape disagreeing with config.json, NaN weights
     *_model_cases(),
     # 4. numbers the config check must refuse
