@@ -248,3 +248,25 @@ def test_an_adapter_that_does_not_fit_its_base(tmp_path, adapter_dir, tiny_llama
     assert (result.code, result.stdout) == (1, "")
     assert result.stderr.startswith(f"Error: cannot load adapter {path} onto base {tiny_llama_dir}: ")
     assert result.stderr.count("\n") == 1, result.stderr
+
+
+def test_the_lean_gpt2_forward_runs_the_adapters(tiny_model_dir):
+    """Full fine-tuning's fast GPT-2 forward also serves LoRA (adapters on the projections): same logits as peft's."""
+    from peft import LoraConfig, get_peft_model
+
+    from llmctl.core.fastgpt import CausalLMObjective, lean_gpt2_logits
+    from llmctl.core.model import load_model
+
+    model = get_peft_model(load_model(tiny_model_dir), LoraConfig(r=4, target_modules=["c_attn", "c_proj", "c_fc"],
+                                                                  fan_in_fan_out=True, init_lora_weights=False))
+    model.eval()
+    ids = torch.randint(0, 257, (2, 16), generator=torch.Generator().manual_seed(1))
+    assert CausalLMObjective(model).lean
+    with torch.no_grad():
+        theirs = model(input_ids=ids).logits
+        torch.testing.assert_close(lean_gpt2_logits(model, ids), theirs, rtol=0, atol=1e-5)
+        with model.disable_adapter():
+            assert not torch.allclose(model(input_ids=ids).logits, theirs, atol=1e-3)  # the adapters do count
+    on_norm = get_peft_model(load_model(tiny_model_dir), LoraConfig(r=4, target_modules=["c_attn"],
+                                                                    modules_to_save=["ln_f"]))
+    assert not CausalLMObjective(on_norm).lean  # the lean forward reads ln_f's weight directly: it would skip it
