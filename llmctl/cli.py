@@ -244,6 +244,13 @@ def generate(
     seed: Annotated[int | None, typer.Option("--seed", help="Sampling seed (default: run.seed).")] = None,
     precision: Annotated[str | None, typer.Option("--precision", help="auto | fp32 | bf16 | fp16.")] = None,
     on_error: Annotated[str | None, typer.Option("--on-error", help="Malformed input line: fail | skip.")] = None,
+    chat: Annotated[
+        bool | None,
+        typer.Option("--chat/--no-chat", help="Render prompts through the model's chat template (generate.chat)."),
+    ] = None,
+    system: Annotated[
+        str | None, typer.Option("--system", help="Chat: a system message before each conversation.", metavar="TEXT")
+    ] = None,
     quiet: QuietOpt = False,
     verbose: VerboseOpt = False,
     print_config: PrintConfigOpt = False,
@@ -269,6 +276,8 @@ def generate(
         "generate.seed": seed,
         "generate.precision": precision,
         "generate.on_error": on_error,
+        "generate.chat": chat,
+        "generate.system": system,
     }
     cfg = _load(config, set_, values, print_config, quiet, verbose)
     from llmctl import generate as command
@@ -286,7 +295,8 @@ def eval_(
         typer.Option("--input", "-i", help="Held-out text, labeled file or prepared data directory; - for stdin."),
     ] = None,
     task: Annotated[
-        str | None, typer.Option("--task", help="auto | lm | classification | zero-shot.", show_default=False)
+        str | None,
+        typer.Option("--task", help="auto | lm | classification | zero-shot | sft | generation.", show_default=False),
     ] = None,
     context: Annotated[int | None, typer.Option("--context", help="Window length in tokens.")] = None,
     stride: Annotated[int | None, typer.Option("--stride", help="Tokens the window advances by.")] = None,

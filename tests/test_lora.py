@@ -11,7 +11,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from llmctl.errors import CheckpointError
+from llmctl.errors import CheckpointError, LlmctlError
 from tests.test_train import lm_config, train_run, write_labeled
 from tests.test_train_cli import flags
 
@@ -270,3 +270,28 @@ def test_the_lean_gpt2_forward_runs_the_adapters(tiny_model_dir):
     on_norm = get_peft_model(load_model(tiny_model_dir), LoraConfig(r=4, target_modules=["c_attn"],
                                                                     modules_to_save=["ln_f"]))
     assert not CausalLMObjective(on_norm).lean  # the lean forward reads ln_f's weight directly: it would skip it
+
+
+@pytest.mark.parametrize("which", ["gpt2", "llama"])
+def test_sft_with_lora_trains_the_adapters_and_the_chat_markers_rows(tmp_path, tiny_model_dir, tiny_llama_dir, which):
+    """The chat template adds two marker tokens: their new embedding rows train (peft's trainable tokens) beside the
+    adapters; everything else in the merged model is the base's."""
+    from transformers import AutoModelForCausalLM
+
+    from tests.test_sft_train import sft_config, write_data
+
+    base = tiny_model_dir if which == "gpt2" else tiny_llama_dir
+    data = write_data(tmp_path)
+    raw = sft_config(tmp_path / "run", [data["chat"]], model={"pretrained": str(base)}, train={"max_steps": 12},
+                     lora={"enabled": True, "rank": 4})
+    summary = train_run(raw)
+    assert summary["trainable_parameters"] < summary["parameters"] / 5
+    adapters = load_file(str(tmp_path / "run" / "checkpoints" / "step-00000012" / "model.safetensors"))
+    assert any("trainable_tokens" in k for k in adapters) and any(".lora_A." in k for k in adapters)
+    merged = AutoModelForCausalLM.from_pretrained(tmp_path / "run")
+    embeddings = merged.get_input_embeddings().weight
+    original = AutoModelForCausalLM.from_pretrained(base).get_input_embeddings().weight
+    assert embeddings.shape[0] == 259 and torch.equal(embeddings[:257], original)  # only the marker rows moved
+    with pytest.raises(LlmctlError, match="lora.save: adapter cannot hold the embedding rows"):
+        train_run({**raw, "run": {**raw["run"], "out_dir": str(tmp_path / "only")},
+                   "lora": {**raw["lora"], "save": "adapter"}})

@@ -52,14 +52,18 @@ _ADAPTABLE = ("Linear", "Conv1D", "Embedding", "Conv1d", "Conv2d")  # layer type
 # Training
 
 
-def apply_lora(model: torch.nn.Module, cfg: Config, task: str) -> torch.nn.Module:
+def apply_lora(model: torch.nn.Module, cfg: Config, task: str, new_tokens: list[int] | None = None) -> torch.nn.Module:
     """`model` wrapped by peft with LoRA adapters as `cfg.lora` says (unchanged when LoRA is off): only the adapters
     and `modules_to_save` require gradients. Call it right after building or loading the model, before DDP/FSDP
-    and the optimizer. `task` is `train.task` (`classification` makes the head trainable under `auto`)."""
+    and the optimizer. `task` is `train.task` (`classification` makes the head trainable under `auto`);
+    `new_tokens` are ids whose embedding rows were just added (a chat template's markers): they train too."""
     lc = cfg.lora
     if not lc.enabled:
         return model
     _check_settings(cfg, task)
+    if new_tokens and lc.save == "adapter":
+        raise ConfigError("lora.save: adapter cannot hold the embedding rows grown for the new tokens (they start "
+                          "from random values no base has); use lora.save: merged")
     if not cfg.model.pretrained:
         log.warning("lora.enabled on a model trained from scratch: its random base weights stay frozen, so only the "
                     "adapters learn; set model.pretrained to fine-tune a trained model")
@@ -80,6 +84,7 @@ def apply_lora(model: torch.nn.Module, cfg: Config, task: str) -> torch.nn.Modul
         fan_in_fan_out=conv1d,  # transformers' Conv1D (GPT-2) stores weights as (in, out)
         bias="none",
         task_type="SEQ_CLS" if task == "classification" else "CAUSAL_LM",
+        trainable_token_indices={_embedding_name(model): list(new_tokens)} if new_tokens else None,
     )
     if lc.quantize == "4bit":
         from peft import prepare_model_for_kbit_training
@@ -185,6 +190,11 @@ def resolve_modules_to_save(model: torch.nn.Module, asked: list[str], task: str)
             f"modules are: {', '.join(sorted(_leaf_names(model) | {n for n, _ in model.named_children()}))}"
         )
     return list(asked)
+
+
+def _embedding_name(model: torch.nn.Module) -> str:
+    embedding = model.get_input_embeddings()
+    return next(name for name, m in model.named_modules() if m is embedding)
 
 
 def _check_rank(model: torch.nn.Module, targets: list[str], rank: int) -> None:
@@ -303,7 +313,9 @@ def save_adapter(model: torch.nn.Module, directory: Path, tokenizer, merge: bool
     last, when training is over."""
     base = model.llmctl_base["base"]
     model.peft_config["default"].base_model_name_or_path = base
-    model.save_pretrained(directory, safe_serialization=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # peft's note that grown embeddings are saved with the adapter
+        model.save_pretrained(directory, safe_serialization=True)
     tokenizer.save_pretrained(directory)
     if not merge:
         return None
