@@ -1,6 +1,6 @@
 """LoRA fine-tuning against full fine-tuning and against trl's SFTTrainer + peft: peak memory, speed, checkpoint size.
 
-    flock -x /tmp/llmctl-cpu.lock python bench/bench_lora.py          # both shapes, 6 steps per case (~5 min here)
+    flock -x /tmp/llmctl-cpu.lock python bench/bench_lora.py          # both shapes, 4 steps per case (~15 min here)
     python bench/bench_lora.py --shapes gpt2 --steps 20                 # one shape, longer timings
     pip install -c constraints.txt -e '.[bench]'                         # trl, for the third column
 
@@ -50,8 +50,10 @@ def make_base(shape: str, path: Path) -> None:
     import torch
     from transformers import AutoModelForCausalLM, GPT2Config, LlamaConfig
 
+    from llmctl.core.model import quiet_transformers
     from llmctl.core.tokenizer import byte_tokenizer, to_transformers
 
+    quiet_transformers()  # no "Writing model shards" bar
     torch.manual_seed(0)
     vocab = SHAPES[shape]["vocab"]
     if shape == "gpt2":
@@ -187,7 +189,7 @@ def spawn(case: str, base: Path, data: Path, out: Path, steps: int, bf16: bool =
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--shapes", nargs="+", default=list(SHAPES), choices=list(SHAPES))
-    parser.add_argument("--steps", type=int, default=6, help="optimizer steps per case (the first is not timed)")
+    parser.add_argument("--steps", type=int, default=4, help="optimizer steps per case (the first is not timed)")
     parser.add_argument("--skip-trl", action="store_true", help="leave out the trl + peft baseline")
     parser.add_argument("--case", choices=["full", "lora", "trl"], help=argparse.SUPPRESS)
     parser.add_argument("--base", help=argparse.SUPPRESS)
