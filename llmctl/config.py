@@ -310,6 +310,51 @@ class OptimConfig:
 
 
 @dataclass
+class LoraConfig:
+    enabled: bool = False
+    """Train LoRA adapters (through Hugging Face peft) instead of every weight: the base weights stay frozen and only
+    the adapters (and `modules_to_save`) get gradients and optimizer state. Works with every `train.task`."""
+    rank: int = 16
+    """Rank r of each adapter (the inner width of its two small matrices); at most the smaller side of each layer."""
+    alpha: float = 32.0
+    """LoRA's scale numerator: an adapter's update is multiplied by alpha / rank."""
+    dropout: float = 0.0
+    """Dropout on the adapters' input; 0 saves a copy of every adapted layer's input per step."""
+    target_modules: list[str] = field(default_factory=lambda: ["auto"])
+    """Layers that get adapters, by module name (the last part, as `c_attn`, or a longer dotted suffix). `auto`: the
+    attention and MLP projections of GPT-2 (c_attn, c_proj, c_fc) and Llama-family models (q/k/v/o_proj,
+    gate/up/down_proj), else peft's own default for the model type."""
+    modules_to_save: list[str] = field(default_factory=lambda: ["auto"])
+    """Modules trained in full beside the adapters, by name. `auto`: the classification head (`score`,
+    `classifier`) with `train.task: classification`, nothing otherwise; `[]` trains none."""
+    save: Literal["merged", "adapter"] = "merged"
+    """`merged`: the run directory holds the model with the adapters merged in (plain transformers loads it) and
+    `adapter/` in peft's format; `adapter`: only `adapter/` and the tokenizer (for large models: generate and eval
+    load the base and merge in memory)."""
+    quantize: Literal["none", "4bit"] = "none"
+    """`4bit` loads the base weights in 4-bit NF4 (QLoRA): needs a CUDA GPU, bitsandbytes (`pip install
+    'llmctl[qlora]'`), a pretrained model and `save: adapter`."""
+
+    def check(self) -> list[str]:
+        problems = []
+        if self.rank <= 0:
+            problems.append(f"rank: must be positive, not {self.rank}")
+        if self.alpha <= 0:
+            problems.append("alpha: must be positive")
+        if not 0.0 <= self.dropout < 1.0:
+            problems.append("dropout: must be at least 0 and below 1")
+        if not self.target_modules:
+            problems.append("target_modules: needs at least one module name (or auto)")
+        if "auto" in self.target_modules and len(self.target_modules) > 1:
+            problems.append("target_modules: auto stands alone; list module names or write auto")
+        if "auto" in self.modules_to_save and len(self.modules_to_save) > 1:
+            problems.append("modules_to_save: auto stands alone; list module names or write auto")
+        if self.quantize == "4bit" and self.save == "merged":
+            problems.append("quantize: 4bit base weights cannot be merged exactly; set lora.save: adapter")
+        return problems
+
+
+@dataclass
 class TrainConfig:
     task: Literal["causal_lm", "classification", "sft"] = "causal_lm"
     """`causal_lm` trains next-token prediction on the prepared shards; `classification` fine-tunes a
@@ -614,6 +659,7 @@ class Config:
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     sft: SftConfig = field(default_factory=SftConfig)
+    lora: LoraConfig = field(default_factory=LoraConfig)
     generate: GenerateConfig = field(default_factory=GenerateConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
 

@@ -89,7 +89,11 @@ def _model_kind(name: str, trust_remote_code: bool) -> str:
     from transformers import AutoConfig
 
     from llmctl.core.hub import locate
+    from llmctl.core.lora import find_adapter
 
+    adapter = find_adapter(name)
+    if adapter is not None:
+        return adapter.kind
     source = locate(name, "model")
     try:
         config = AutoConfig.from_pretrained(

@@ -66,11 +66,13 @@ def run(cfg: Config, *, quiet: bool = False) -> Iterator[str | dict]:
     from llmctl.core.decode import Decoder
     from llmctl.core.device import pick_device, pick_dtype, set_threads
     from llmctl.core.hub import locate
+    from llmctl.core.lora import find_adapter
     from llmctl.core.model import load_model, load_tokenizer, model_name
 
     g = cfg.generate
     name = model_name(cfg.generate.model, cfg.run.out_dir, "generate.model")
-    locate(name, "model")  # a directory that is not a model fails here, before the tokenizer is looked for
+    # a directory that is neither a model nor an adapter fails here, before the tokenizer is looked for
+    find_adapter(name) or locate(name, "model")
     device = pick_device(cfg.run.device)
     set_threads(cfg.run.threads)
     tokenizer = load_tokenizer(name, trust_remote_code=cfg.run.trust_remote_code)

@@ -44,8 +44,8 @@ def wait_for(path: Path, proc: subprocess.Popen, timeout: float = 120) -> None:
         time.sleep(0.002)
 
 
-def equal_weights(a: Path, b: Path) -> bool:
-    wa, wb = load_file(str(a / "model.safetensors")), load_file(str(b / "model.safetensors"))
+def equal_weights(a: Path, b: Path, name: str = "model.safetensors") -> bool:
+    wa, wb = load_file(str(a / name)), load_file(str(b / name))
     return wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
 
 
@@ -71,13 +71,22 @@ def test_bad_input_is_one_line_and_exit_1(tmp_path, prepared_dir, llmctl):
     assert not (tmp_path / "run").exists()
 
 
+def lora_sections(kind: str, base: Path, dropout: float = 0.0) -> dict:
+    """Extra config sections for a LoRA run of the tiny pretrained model (`kind` "lora"), none for "full"."""
+    if kind == "full":
+        return {}
+    return {"model": {"pretrained": str(base)}, "lora": {"enabled": True, "rank": 4, "dropout": dropout}}
+
+
 @pytest.mark.slow
-def test_sigkill_at_any_step_then_resume_ends_bit_identical(tmp_path, prepared_dir, llmctl):
+@pytest.mark.parametrize("kind", ["full", "lora"])
+def test_sigkill_at_any_step_then_resume_ends_bit_identical(tmp_path, prepared_dir, llmctl, tiny_model_dir, kind):
     """A real process killed with SIGKILL mid-run, resumed with --resume, ends with exactly the weights of a run
-    that was never interrupted (CPU, fp32)."""
+    that was never interrupted (CPU, fp32); with LoRA too (adapter dropout included)."""
     common = {"max_steps": 300, "checkpoint_interval": 10, "eval_interval": 100, "keep_checkpoints": 2}
-    train_run(lm_config(tmp_path / "ref", prepared_dir, train=common))
-    raw = lm_config(tmp_path / "run", prepared_dir, train=common)
+    extra = lora_sections(kind, tiny_model_dir, dropout=0.1)  # dropout masks must be redrawn exactly too
+    train_run(lm_config(tmp_path / "ref", prepared_dir, train=common, **extra))
+    raw = lm_config(tmp_path / "run", prepared_dir, train=common, **extra)
     proc = start(["train", *flags(raw)])
     wait_for(tmp_path / "run" / "checkpoints" / "step-00000100", proc)
     time.sleep(0.01)  # land somewhere between checkpoints, perhaps inside a write
@@ -90,6 +99,8 @@ def test_sigkill_at_any_step_then_resume_ends_bit_identical(tmp_path, prepared_d
     summary = json.loads(resumed.stdout)
     assert summary["steps"] == 300 and int(Path(summary["resumed_from"]).name[5:]) >= 100
     assert equal_weights(tmp_path / "ref", tmp_path / "run")
+    if kind == "lora":
+        assert equal_weights(tmp_path / "ref" / "adapter", tmp_path / "run" / "adapter", "adapter_model.safetensors")
 
 
 @pytest.mark.slow
@@ -113,13 +124,15 @@ def test_sigterm_finishes_the_step_saves_and_exits_75(tmp_path, prepared_dir, ll
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("fsdp", [False, True], ids=["ddp", "fsdp"])
-def test_two_gloo_processes_match_one_process(tmp_path, prepared_dir, fsdp):
-    """torchrun, 2 CPU processes (DDP, or FSDP2 sharding): each draws its half of the same global batch; losses and
-    weights match a 1-process run."""
+@pytest.mark.parametrize("fsdp, kind", [(False, "full"), (True, "full"), (False, "lora")],
+                         ids=["ddp", "fsdp", "ddp-lora"])
+def test_two_gloo_processes_match_one_process(tmp_path, prepared_dir, tiny_model_dir, fsdp, kind):
+    """torchrun, 2 CPU processes (DDP, or FSDP2 sharding; DDP with LoRA): each draws its half of the same global
+    batch; losses and weights match a 1-process run."""
     train = {"max_steps": 10, "batch_size": 4, "grad_accum": 2, "eval_interval": 5, "log_interval": 1}
-    train_run(lm_config(tmp_path / "one", prepared_dir, train=train))
-    raw = lm_config(tmp_path / "two", prepared_dir, train={**train, "fsdp": fsdp})
+    extra = lora_sections(kind, tiny_model_dir)
+    train_run(lm_config(tmp_path / "one", prepared_dir, train=train, **extra))
+    raw = lm_config(tmp_path / "two", prepared_dir, train={**train, "fsdp": fsdp}, **extra)
     proc = subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
          "-m", "llmctl", "train", *flags(raw), "--quiet"],
@@ -140,6 +153,11 @@ def test_two_gloo_processes_match_one_process(tmp_path, prepared_dir, fsdp):
         torch.testing.assert_close(wa[name], wb[name], rtol=1e-4, atol=1e-6)
     meta = json.loads((tmp_path / "two" / "checkpoints" / "step-00000010" / "meta.json").read_text())
     assert meta["world_size"] == 2
+    if kind == "lora":
+        adapters = load_file(str(tmp_path / "two" / "checkpoints" / "step-00000010" / "model.safetensors"))
+        assert adapters and all(".lora_" in k for k in adapters)
+        name = "transformer.h.0.attn.c_attn.weight"  # merged: the adapted layer moved
+        assert not torch.equal(wa[name], load_file(str(tiny_model_dir / "model.safetensors"))[name])
 
 
 def test_a_second_trainer_in_the_same_run_directory_is_refused(tmp_path, prepared_dir):

@@ -125,6 +125,19 @@ def check_shapes(path: Path, model: torch.nn.Module) -> None:
         )
 
 
+def load_checkpoint_tensors(
+    path: Path, apply: Callable[[dict[str, torch.Tensor]], None], map_location: str | torch.device = "cpu"
+) -> tuple[dict, dict]:
+    """Read the checkpoint's tensors and hand them to `apply` (which checks and copies them: a LoRA checkpoint
+    holds only the adapters); return (state, meta)."""
+    path = Path(path)
+    meta = read_meta(path)
+    with _reading_weights(path):
+        tensors = load_file(str(path / WEIGHTS), device=str(map_location))
+    apply(tensors)
+    return _load_state(path, map_location), meta
+
+
 @contextmanager
 def _reading_weights(path: Path) -> Iterator[None]:
     """Turns a missing or unreadable weights file of the checkpoint at `path` into a one-line CheckpointError."""

@@ -29,30 +29,62 @@ _ACTIVATIONS = {
 
 
 def supports_lean(model: nn.Module) -> bool:
-    """True for a GPT-2 LM whose configuration the lean forward reproduces exactly."""
+    """True for a GPT-2 LM whose configuration the lean forward reproduces exactly (LoRA adapters on its
+    projections included)."""
+    model = _unpeft(model)
     config = getattr(model, "config", None)
     return (
         type(model).__name__ == "GPT2LMHeadModel"
+        and _adapters_lean_can_run(model)
         and config is not None
         and config.activation_function in _ACTIVATIONS
         and getattr(config, "scale_attn_weights", True)
         and not getattr(config, "scale_attn_by_inverse_layer_idx", False)
         and not getattr(config, "reorder_and_upcast_attn", False)
         and not getattr(config, "add_cross_attention", False)
-        # Adapters (peft) replace the projections with their own modules: the lean pass would bypass them.
-        and all(type(m).__name__ == "Conv1D" for b in model.transformer.h for m in (b.attn.c_attn, b.attn.c_proj,
-                                                                                      b.mlp.c_fc, b.mlp.c_proj))
     )
+
+
+# Layers the lean forward calls as modules, so that a peft LoRA layer there adds its adapter's term.
+_LEAN_ADAPTABLE = ("c_attn", "c_proj", "c_fc", "lm_head")
+
+
+def _unpeft(model: nn.Module) -> nn.Module:
+    """The transformers model inside a peft model (its LoRA layers injected in place), else `model` itself."""
+    if type(model).__module__.startswith("peft"):
+        return model.get_base_model()
+    return model
+
+
+def _adapters_lean_can_run(model: nn.Module) -> bool:
+    """peft layers only where the lean forward calls the layer itself: anywhere else it reads weights directly
+    and would skip the adapter."""
+    for name, module in model.named_modules():
+        if type(module).__name__ == "ModulesToSaveWrapper":
+            return False
+        if hasattr(module, "base_layer") and name.rsplit(".", 1)[-1] not in _LEAN_ADAPTABLE:
+            return False
+    return True
+
+
+def _project(layer: nn.Module, h: torch.Tensor) -> torch.Tensor:
+    """(N, in) -> (N, out) through a transformers Conv1D (x @ W + b, W stored as (in, out)), or a peft LoRA layer
+    around one (which adds its adapter's term, with its own dropout and scaling)."""
+    if hasattr(layer, "base_layer"):
+        return layer(h)
+    return torch.addmm(layer.bias, h, layer.weight)
 
 
 def lean_gpt2_logits(model: nn.Module, idx: torch.Tensor) -> torch.Tensor:
     """GPT-2's forward pass (no cache, no padding) from a transformers GPT2LMHeadModel's own parameters."""
+    model = _unpeft(model)
     return model.lm_head(lean_gpt2_hidden(model, idx))  # (B, T, V)
 
 
 def lean_gpt2_hidden(model: nn.Module, idx: torch.Tensor, position_ids: torch.Tensor | None = None) -> torch.Tensor:
     """The final hidden states (B, T, C) of GPT-2's forward pass. With `position_ids` (B, T) restarting at 0 where
     each packed example starts, every example attends within itself only (llmctl.core.packing)."""
+    model = _unpeft(model)
     config = model.config
     t = model.transformer
     B, T = idx.shape
@@ -68,8 +100,7 @@ def lean_gpt2_hidden(model: nn.Module, idx: torch.Tensor, position_ids: torch.Te
     for block in t.h:
         attn, mlp = block.attn, block.mlp
         h = F.layer_norm(x, (C,), block.ln_1.weight, block.ln_1.bias, eps).view(B * T, C)
-        # transformers' Conv1D is x @ W + b with W stored as (in, out)
-        qkv = torch.addmm(attn.c_attn.bias, h, attn.c_attn.weight)  # (B*T, 3C)
+        qkv = _project(attn.c_attn, h)  # (B*T, 3C)
         q, k, v = qkv.view(B, T, 3, nh, C // nh).permute(2, 0, 3, 1, 4).unbind(0)  # each (B, nh, T, hs)
         dropout = config.attn_pdrop if train else 0.0
         if examples is None:
@@ -77,10 +108,10 @@ def lean_gpt2_hidden(model: nn.Module, idx: torch.Tensor, position_ids: torch.Te
         else:
             y = packing.attend(q, k, v, *examples, dropout=dropout)  # (B, T, nh, hs)
         y = y.reshape(B * T, C)  # (B*T, C)
-        x = x + F.dropout(torch.addmm(attn.c_proj.bias, y, attn.c_proj.weight), config.resid_pdrop, train).view(B, T, C)
+        x = x + F.dropout(_project(attn.c_proj, y), config.resid_pdrop, train).view(B, T, C)
         h = F.layer_norm(x, (C,), block.ln_2.weight, block.ln_2.bias, eps).view(B * T, C)
-        h = act(torch.addmm(mlp.c_fc.bias, h, mlp.c_fc.weight))  # (B*T, 4C)
-        x = x + F.dropout(torch.addmm(mlp.c_proj.bias, h, mlp.c_proj.weight), config.resid_pdrop, train).view(B, T, C)
+        h = act(_project(mlp.c_fc, h))  # (B*T, 4C)
+        x = x + F.dropout(_project(mlp.c_proj, h), config.resid_pdrop, train).view(B, T, C)
     return F.layer_norm(x, (C,), t.ln_f.weight, t.ln_f.bias, eps)
 
 

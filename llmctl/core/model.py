@@ -94,11 +94,16 @@ def load_model(
     trust_remote_code: bool = False,
     **kwargs,
 ) -> PreTrainedModel:
-    """Load a causal LM (`task="causal_lm"`) or sequence classifier (`task="classification"`) by directory or id."""
+    """Load a causal LM (`task="causal_lm"`) or sequence classifier (`task="classification"`) by directory or id.
+    A LoRA adapter directory loads as its base with the adapter merged in."""
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
     from llmctl.core import weights
+    from llmctl.core.lora import find_adapter, load_with_adapter
 
+    adapter = find_adapter(name)
+    if adapter is not None:
+        return load_with_adapter(adapter, task=task, dtype=dtype, trust_remote_code=trust_remote_code, **kwargs)
     source = locate(str(name), "model")
     cls = AutoModelForSequenceClassification if task == "classification" else AutoModelForCausalLM
     weights.check_model_dir(weights.model_dir(source.ref, source.local), str(name), cls, kwargs, trust_remote_code)
@@ -124,7 +129,9 @@ def load_tokenizer(name: str | Path, *, trust_remote_code: bool = False) -> PreT
     """Load the tokenizer saved in a run/model/data directory, or a hub model's tokenizer."""
     from transformers import AutoTokenizer
 
-    source = locate(str(name), "tokenizer")
+    from llmctl.core.lora import tokenizer_source
+
+    source = locate(str(tokenizer_source(name)), "tokenizer")
     try:
         return AutoTokenizer.from_pretrained(
             source.ref, local_files_only=source.local_files_only, trust_remote_code=trust_remote_code

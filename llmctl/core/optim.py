@@ -41,16 +41,18 @@ def build_optimizer(model: torch.nn.Module, cfg: OptimConfig) -> torch.optim.Opt
             {"params": [p for p in hidden if id(p) not in conv1d], "peak_lr": cfg.muon_lr, "in_out": False},
             {"params": [p for p in hidden if id(p) in conv1d], "peak_lr": cfg.muon_lr, "in_out": True},
         ]
-        muon = Muon(
-            [g for g in muon_groups if g["params"]],
+        muon_groups = [g for g in muon_groups if g["params"]]
+        groups = [g for g in param_groups(rest, cfg.weight_decay) if g["params"]]
+        # Either side may be empty: LoRA adapters are all 2-D matrices, a frozen model may train only its head.
+        muon = [Muon(
+            muon_groups,
             lr=cfg.muon_lr,
             # Muon's decay is multiplied by its own (20x larger) rate: scale it so each step shrinks the hidden
             # matrices as much as AdamW's decay shrinks the rest.
             weight_decay=cfg.weight_decay * cfg.lr / cfg.muon_lr,
             adjust_lr_fn="original",
-        )
-        groups = [g for g in param_groups(rest, cfg.weight_decay) if g["params"]]
-        return Optimizers([muon, _adamw(groups, cfg)])
+        )] if muon_groups else []
+        return Optimizers(muon + ([_adamw(groups, cfg)] if groups else []))
     return _adamw(param_groups(model, cfg.weight_decay), cfg)
 
 

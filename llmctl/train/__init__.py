@@ -42,6 +42,7 @@ from llmctl.core.device import (
     set_threads,
 )
 from llmctl.core.files import sha256_json
+from llmctl.core.lora import apply_lora
 from llmctl.errors import ConfigError, DataError, Interrupted, LlmctlError, TrainingError
 from llmctl.train.data import (
     LabeledData,
@@ -131,6 +132,7 @@ def _train(cfg: Config, dist: Dist, device: torch.device, *, force: bool, quiet:
         if len(labels) < 2:
             raise DataError(f"{cfg.data.inputs[0]}: classification needs at least 2 labels, found {labels}")
         hf_model, tokenizer = classifier(cfg, labels)
+        hf_model = apply_lora(hf_model, cfg, t.task)
         limit = _context(t.context, hf_model, default=512)
         label_id = {label: i for i, label in enumerate(labels)}
         train_ex, val_ex = split_labeled(examples, cfg.data.val_fraction, cfg.run.seed)
@@ -156,12 +158,14 @@ def _train(cfg: Config, dist: Dist, device: torch.device, *, force: bool, quiet:
                                                                                                 cfg.sft)
         template = prepare_tokenizer(tokenizer, cfg.sft.chat_template, source, needs_template)
         hf_model = sft_model(cfg, tokenizer, own_size)
+        hf_model = apply_lora(hf_model, cfg, t.task, new_tokens=list(range(own_size, len(tokenizer))))
         context = _context(t.context, hf_model, default=1024)
         data, data_hash, sft_stats = load_sft(cfg, tokenizer, template, context, t.batch_size * t.grad_accum)
         objective = SFTObjective(hf_model, lean=cfg.model.lean and not fsdp)
     else:
         data, tokenizer, meta, data_hash = load_token_data(cfg, dist, quiet)
         hf_model = causal_lm(cfg, tokenizer, meta)
+        hf_model = apply_lora(hf_model, cfg, t.task)
         context = _context(t.context, hf_model, default=1024)
         data.context = context
         global_tokens = t.batch_size * t.grad_accum * context
@@ -236,6 +240,7 @@ def _train(cfg: Config, dist: Dist, device: torch.device, *, force: bool, quiet:
             cfg.save(out_dir / CONFIG_FILE)
 
         n_params = count_parameters(hf_model)
+        n_trainable = sum(p.numel() for p in hf_model.parameters() if p.requires_grad)
         log.info(
             "training %s: %.2fM parameters on %s (%s%s), %s steps of %d x %d %s",
             type(hf_model).__name__, n_params / 1e6, device, precision_name(dtype),
@@ -271,6 +276,7 @@ def _train(cfg: Config, dist: Dist, device: torch.device, *, force: bool, quiet:
             "stopped_by": stopped_by,
             "resumed_from": str(resume_from) if resume_from else None,
             "parameters": n_params,
+            "trainable_parameters": n_trainable,
             "device": str(device),
             "precision": precision_name(dtype),
             "world_size": dist.world_size,

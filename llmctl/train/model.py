@@ -11,6 +11,7 @@ from llmctl.config import Config
 from llmctl.core.device import (
     Dist,
 )
+from llmctl.core.lora import quantization_kwargs
 from llmctl.errors import ConfigError, ModelError
 
 log = logging.getLogger(__name__)
@@ -20,7 +21,8 @@ def causal_lm(cfg: Config, tokenizer, meta):
     from llmctl.core.model import build_model, load_model
 
     if cfg.model.pretrained:
-        model = load_model(cfg.model.pretrained, dtype=torch.float32, trust_remote_code=cfg.run.trust_remote_code)
+        model = load_model(cfg.model.pretrained, dtype=torch.float32, trust_remote_code=cfg.run.trust_remote_code,
+                           **quantization_kwargs(cfg))
         check_tokenizer(cfg.model.pretrained, tokenizer, model, meta.vocab_size, cfg)
     else:
         model = build_model(cfg.model, meta.vocab_size, meta.eos_token_id, pad_token_id=meta.eos_token_id)
@@ -103,6 +105,7 @@ def classifier(cfg: Config, labels: list[str]):
             num_labels=len(labels),
             id2label=dict(enumerate(labels)),
             label2id={label: i for i, label in enumerate(labels)},
+            **quantization_kwargs(cfg),
         )
         model.config.pad_token_id = tokenizer.pad_token_id
         if len(tokenizer) > model.get_input_embeddings().num_embeddings:

@@ -20,6 +20,7 @@ import torch
 from llmctl import __version__
 from llmctl.config import Config
 from llmctl.core import checkpoint as ckpt
+from llmctl.core import lora
 from llmctl.core.device import (
     Dist,
     rng_state,
@@ -51,6 +52,8 @@ def run_identity(cfg: Config) -> dict[str, Any]:
                 "train": train}
     if cfg.train.task == "sft":
         identity["sft"] = dataclasses.asdict(cfg.sft)
+    if cfg.lora.enabled:  # absent otherwise, so runs without LoRA keep their identity
+        identity["lora"] = {k: v for k, v in dataclasses.asdict(cfg.lora).items() if k != "save"}
     return identity
 
 
@@ -267,7 +270,7 @@ def save_checkpoint(ctx: Run, step: int, val: dict[str, float]) -> Path:
         gathered: list[Any] = [None] * ctx.dist.world_size
         td.all_gather_object(gathered, rng[0])
         rng = gathered
-    weights = _model_state(ctx.hf_model, ctx.fsdp)
+    weights = lora.trainable_state(ctx.hf_model) if lora.is_lora(ctx.hf_model) else _model_state(ctx.hf_model, ctx.fsdp)
     optim_state = _optimizer_state(ctx.hf_model, ctx.optimizer, ctx.fsdp)
     path = ckpt.checkpoint_path(ctx.ckpt_dir, step)
     if ctx.dist.is_main:
@@ -286,6 +289,7 @@ def save_checkpoint(ctx: Run, step: int, val: dict[str, float]) -> Path:
             "world_size": ctx.dist.world_size,
             "llmctl_version": __version__,
             "saved_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+            **lora.checkpoint_meta(ctx.hf_model),
             **val,
         }
         if isinstance(weights, dict):
@@ -303,8 +307,13 @@ def load_checkpoint(ctx: Run, path: Path) -> None:
         from llmctl.core.optim import optimizers_of
 
         state, _ = ckpt.load_checkpoint_fsdp(path, ctx.hf_model, optimizers_of(ctx.optimizer))
+    elif lora.is_lora(ctx.hf_model):
+        lora.check_base(ckpt.read_meta(path), ctx.hf_model, path)
+        state, _ = ckpt.load_checkpoint_tensors(path, lambda tensors: lora.load_trainable(ctx.hf_model, tensors, path),
+                                                map_location=ctx.device)
     else:
         state, _ = ckpt.load_checkpoint(path, ctx.hf_model, map_location=ctx.device)
+    if not ctx.fsdp:
         try:
             ctx.optimizer.load_state_dict(state["optimizer"])
         except (KeyError, ValueError, RuntimeError) as exc:
@@ -341,15 +350,24 @@ def _export(ctx: Run, weights) -> None:
 def _export_into(ctx: Run, weights, tmp: Path) -> None:
     out_dir = ctx.out_dir
     model = ctx.hf_model
-    gen = getattr(model, "generation_config", None)
-    if gen is not None and ctx.tokenizer.eos_token_id is not None:
-        gen.eos_token_id = ctx.tokenizer.eos_token_id
-        gen.bos_token_id = ctx.tokenizer.bos_token_id if ctx.tokenizer.bos_token_id is not None else gen.eos_token_id
-        gen.pad_token_id = ctx.tokenizer.pad_token_id if ctx.tokenizer.pad_token_id is not None else gen.eos_token_id
-        turn_ends = _turn_end_ids(ctx.tokenizer) - {gen.eos_token_id}
-        if turn_ends:  # plain model.generate then stops at the end of an answer too
-            gen.eos_token_id = [gen.eos_token_id, *sorted(turn_ends)]
-    model.save_pretrained(tmp, state_dict=weights)
+    if lora.is_lora(model):  # adapter/ in peft's format, and the merged model unless lora.save: adapter
+        merge = ctx.cfg.lora.save == "merged"
+        model = lora.save_adapter(model, tmp / lora.ADAPTER_DIR, ctx.tokenizer, merge=merge)
+        if not merge:  # a merged model left by an earlier run here would shadow the adapter
+            for name in ("config.json", "generation_config.json", "model.safetensors", "model.safetensors.index.json"):
+                (out_dir / name).unlink(missing_ok=True)
+        shutil.rmtree(out_dir / lora.ADAPTER_DIR, ignore_errors=True)
+    if model is not None:
+        gen = getattr(model, "generation_config", None)
+        if gen is not None and ctx.tokenizer.eos_token_id is not None:
+            gen.eos_token_id = ctx.tokenizer.eos_token_id
+            bos, pad = ctx.tokenizer.bos_token_id, ctx.tokenizer.pad_token_id
+            gen.bos_token_id = bos if bos is not None else gen.eos_token_id
+            gen.pad_token_id = pad if pad is not None else gen.eos_token_id
+            turn_ends = _turn_end_ids(ctx.tokenizer) - {gen.eos_token_id}
+            if turn_ends:  # plain model.generate then stops at the end of an answer too
+                gen.eos_token_id = [gen.eos_token_id, *sorted(turn_ends)]
+        model.save_pretrained(tmp, state_dict=weights)
     ctx.tokenizer.save_pretrained(tmp)
     ctx.cfg.save(tmp / CONFIG_FILE)
     for f in tmp.iterdir():
