@@ -166,6 +166,7 @@ def load_token_data(cfg: Config, dist: Dist, quiet: bool) -> tuple[TokenData | N
 def load_labeled(cfg: Config) -> tuple[list, str]:
     """The labeled examples of data.inputs (JSONL or TSV) and a hash of what shaped them."""
     from llmctl.core.inputs import read_labeled
+    from llmctl.core.records import provenance
 
     if not cfg.data.inputs:
         raise ConfigError("data.inputs: train.task classification needs a labeled file (JSONL or TSV: text, label)")
@@ -174,7 +175,7 @@ def load_labeled(cfg: Config) -> tuple[list, str]:
         if path == "-":
             raise ConfigError("data.inputs: classification reads labeled files, not stdin")
         examples += read_labeled(path, cfg.data.text_field, cfg.data.label_field)
-        digest.append(sha256_file(Path(path)))
+        digest.append(provenance(path)["sha256"])  # a file's SHA-256; a hub dataset's name, split and revision
     shape = json.dumps([digest, cfg.data.text_field, cfg.data.label_field, cfg.data.val_fraction])
     return examples, sha256_bytes(shape.encode())
 

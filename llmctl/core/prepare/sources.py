@@ -1,7 +1,8 @@
 """Finding the inputs and reading them as byte chunks cut at document boundaries.
 
-An input spec is a file, a directory (searched recursively with `data.glob`), a shell pattern, `-` for stdin, or
-`stdlib:pydoc-topics`. Reading never decodes: it cuts the raw bytes into chunks of about `chunk_bytes`, each ending
+An input spec is a file, a directory (searched recursively with `data.glob`), a shell pattern, `-` for stdin,
+`stdlib:pydoc-topics`, or a record input read through llmctl.core.records (Parquet, CSV/TSV, a `save_to_disk`
+directory, `hf:NAME[:CONFIG][@SPLIT]`), whose `data.text_field` values are re-encoded as JSONL lines. Reading never decodes: it cuts the raw bytes into chunks of about `chunk_bytes`, each ending
 at a document boundary, so that workers can clean and encode chunks independently and in any order. A document
 larger than a chunk (a huge file with `documents: file`, a line without end) is cut into pieces at line boundaries;
 the chunk flags `cont` and `open` tell the writer that its first/last document continues across chunks.
@@ -24,6 +25,7 @@ from typing import IO
 
 from llmctl.core.files import sha256_file
 from llmctl.core.inputs import STDIN, input_format, open_binary
+from llmctl.core.records import HF_PREFIX, iter_texts, jsonl_blocks, provenance, record_format
 from llmctl.errors import DataError
 
 PYDOC_TOPICS = "stdlib:pydoc-topics"
@@ -43,7 +45,7 @@ class Source:
     name: str
     """What messages and meta.json call it: the path as given or found, `<stdin>`, or the built-in's spec."""
     kind: str
-    """`file`, `stdin` or `builtin`."""
+    """`file`, `stdin`, `builtin`, or `records` (Parquet, CSV/TSV, datasets: read through llmctl.core.records)."""
     format: str
     """`txt` or `jsonl`."""
     path: Path | None = None
@@ -53,17 +55,24 @@ class Source:
     """Of the bytes on disk (for stdin: of the bytes read, known once read)."""
     spool: Path | None = None
     """Stdin saved to a file, so that it can be read twice (tokenizer sample, then encoding)."""
+    field: str | None = None
+    """Records: the field (data.text_field) holding the text; `fmt` the record format given as data.format."""
+    fmt: str = "auto"
+    hub: dict | None = None
+    """A hub dataset's name, config, split and revision (its provenance, kept in meta.json)."""
 
     def record(self) -> dict:
         """The entry meta.json keeps for this input."""
-        return {"path": self.name, "size": self.size, "sha256": self.sha256}
+        return {"path": self.name, "size": self.size, "sha256": self.sha256, **(self.hub or {})}
 
 
-def expand_inputs(specs: list[str], globs: list[str], fmt: str) -> list[Source]:
+def expand_inputs(specs: list[str], globs: list[str], fmt: str, text_field: str = "text") -> list[Source]:
     """Turn `data.inputs` into the list of sources to read, in order. No spec means stdin."""
     sources: list[Source] = []
     for spec in specs or [STDIN]:
-        if spec == STDIN:
+        if spec.startswith(HF_PREFIX) or spec != STDIN and record_format(spec, fmt) == "dataset":
+            sources.append(_records(spec, fmt, text_field))
+        elif spec == STDIN:
             if any(s.kind == "stdin" for s in sources):
                 raise DataError("data.inputs: `-` (stdin) is given more than once")
             sources.append(Source("<stdin>", "stdin", "jsonl" if fmt == "jsonl" else "txt"))
@@ -72,7 +81,8 @@ def expand_inputs(specs: list[str], globs: list[str], fmt: str) -> list[Source]:
                 raise DataError(f"data.inputs: unknown built-in corpus {spec!r}; known: {', '.join(BUILTINS)}")
             sources.append(_builtin(spec))
         else:
-            sources += _expand_path(spec, globs, fmt)
+            sources += [_records(s.name, fmt, text_field) if _is_records(s.name, fmt) else s
+                        for s in _expand_path(spec, globs, fmt)]
     for source in sources:
         if source.kind == "file":
             source.size = source.path.stat().st_size
@@ -97,6 +107,18 @@ def _expand_path(spec: str, globs: list[str], fmt: str) -> list[Source]:
             raise DataError(f"{spec}: no file matches this pattern")
         return [Source(str(p), "file", input_format(p, fmt), p) for p in files]
     raise DataError(f"{spec}: no such file or directory")
+
+
+def _is_records(name: str, fmt: str) -> bool:
+    return record_format(name, fmt) in ("parquet", "csv", "tsv", "dataset")
+
+
+def _records(spec: str, fmt: str, text_field: str) -> Source:
+    """A record input: its provenance now (a hub dataset fails here at once when it cannot be had)."""
+    found = provenance(spec, fmt)
+    hub = {k: found[k] for k in ("dataset", "config", "split", "revision")} if "dataset" in found else None
+    path = None if hub else Path(spec)
+    return Source(spec, "records", "jsonl", path, found["size"], found["sha256"], field=text_field, fmt=fmt, hub=hub)
 
 
 def _hidden(path: Path, root: Path) -> bool:
@@ -206,6 +228,11 @@ def read_chunks(
 def _source_chunks(source: Source, number: int, mode: str, chunk_bytes: int, streaming: bool) -> Iterator[Chunk]:
     if source.kind == "builtin":
         yield from _cut(iter([_pydoc_topics_jsonl()]), source, number, mode, chunk_bytes, lambda: False)
+        return
+    if source.kind == "records":
+        texts = iter_texts(source.name, source.field or "text", source.fmt)
+        yield from _cut(jsonl_blocks(texts, source.field or "text", chunk_bytes), source, number, mode, chunk_bytes,
+                        lambda: False)
         return
     if source.kind == "stdin" and source.spool is None:
         counter = _CountingHasher()
