@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import logging
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -17,7 +16,7 @@ from llmctl.core.device import (
     Dist,
     derived_seed,
 )
-from llmctl.core.files import sha256_bytes, sha256_file
+from llmctl.core.files import sha256_bytes
 from llmctl.core.scoring import pad_right
 from llmctl.errors import ConfigError
 from llmctl.train.step import barrier

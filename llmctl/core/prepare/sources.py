@@ -2,9 +2,10 @@
 
 An input spec is a file, a directory (searched recursively with `data.glob`), a shell pattern, `-` for stdin,
 `stdlib:pydoc-topics`, or a record input read through llmctl.core.records (Parquet, CSV/TSV, a `save_to_disk`
-directory, `hf:NAME[:CONFIG][@SPLIT]`), whose `data.text_field` values are re-encoded as JSONL lines. Reading never decodes: it cuts the raw bytes into chunks of about `chunk_bytes`, each ending
-at a document boundary, so that workers can clean and encode chunks independently and in any order. A document
-larger than a chunk (a huge file with `documents: file`, a line without end) is cut into pieces at line boundaries;
+directory, `hf:NAME[:CONFIG][@SPLIT]`), whose `data.text_field` values are re-encoded as JSONL lines. Reading never
+decodes: it cuts the raw bytes into chunks of about `chunk_bytes`, each ending at a document boundary, so that
+workers can clean and encode chunks independently and in any order. A document larger than a chunk (a huge file
+with `documents: file`, a line without end) is cut into pieces at line boundaries;
 the chunk flags `cont` and `open` tell the writer that its first/last document continues across chunks.
 """
 
