@@ -126,7 +126,7 @@ def _from_records(g: GenerateConfig, stats: _Stats) -> Iterator[Prompt]:
     columns of JSONL prompts where the table has them (other columns are ignored: tables carry more than prompts)."""
     from llmctl.core.records import iter_records
 
-    for position, (where, record) in enumerate(iter_records(g.input, fields=["prompt"])):
+    for position, (where, record) in enumerate(iter_records(g.input, fields=["prompt"], optional=JSONL_FIELDS)):
         kept = {k: v for k, v in record.items() if k in JSONL_FIELDS and v is not None}
         text, ident, overrides = _parse_jsonl(json.dumps(kept), where)
         stats.prompts += 1

@@ -86,19 +86,22 @@ def parse_hub_spec(spec: str) -> HubSpec:
     return HubSpec(name, config or None, split or "train")
 
 
-def iter_records(spec: str, fmt: str = "auto", fields: Iterable[str] = ()) -> Iterator[tuple[str, dict[str, Any]]]:
+def iter_records(
+    spec: str, fmt: str = "auto", fields: Iterable[str] = (), optional: Iterable[str] | None = None
+) -> Iterator[tuple[str, dict[str, Any]]]:
     """(where, record) for each record of `spec`, in order.
 
     `fields` are the columns the caller needs: a Parquet file, CSV header or dataset without one of them is a
     DataError that lists the columns it has (before any record is read); a JSONL line without one names its line.
-    Parquet reads only those columns. `fmt` is data.format (`auto` goes by `record_format`).
+    With `fields` given, Parquet reads only those columns and the `optional` ones it has; without, every column.
+    `fmt` is data.format (`auto` goes by `record_format`).
     """
     fields = list(fields)
     kind = record_format(spec, fmt)
     if kind == "jsonl":
         yield from _jsonl(spec, fields)
     elif kind == "parquet":
-        yield from _parquet(spec, fields)
+        yield from _parquet(spec, fields, list(optional or []))
     elif kind in ("csv", "tsv"):
         yield from _csv(spec, fields, "\t" if kind == "tsv" else ",")
     elif kind == "dataset":
@@ -186,7 +189,7 @@ def _missing(name: str, fields: list[str], columns: list[str], what: str = "colu
         raise DataError(f"{name}: no {what} {absent[0]!r}; it has: {listed} (set data.text_field / data.label_field)")
 
 
-def _parquet(spec: str, fields: list[str]) -> Iterator[tuple[str, dict[str, Any]]]:
+def _parquet(spec: str, fields: list[str], optional: list[str]) -> Iterator[tuple[str, dict[str, Any]]]:
     pq = _import("pyarrow.parquet", "Parquet")
     import pyarrow as pa
 
@@ -202,9 +205,10 @@ def _parquet(spec: str, fields: list[str]) -> Iterator[tuple[str, dict[str, Any]
     with contextlib.closing(parquet):
         columns = parquet.schema_arrow.names
         _missing(name, fields, columns)
+        wanted = None if not fields else fields + [c for c in optional if c in columns and c not in fields]
         row = 0
         try:
-            for batch in parquet.iter_batches(batch_size=_BATCH_ROWS, columns=fields or None):
+            for batch in parquet.iter_batches(batch_size=_BATCH_ROWS, columns=wanted):
                 for record in batch.to_pylist():
                     row += 1
                     yield f"{name}:row {row}", record
