@@ -1,6 +1,6 @@
 """`llmctl eval`: is this model good enough? Numbers a script or a CI job can act on.
 
-Four ways to evaluate, one result shape (documented in the README, section "eval"):
+Four ways to evaluate, one result shape (documented in docs/eval.md):
   - lm: loss, perplexity and bits per byte of a causal LM on held-out text (a file, stdin, or a prepared split),
     scored with a sliding window (llmctl.core.scoring.token_nll);
   - classification: a model with a classification head (a `train.task: classification` run) on a labeled file;

@@ -18,12 +18,13 @@ def commands_in(text: str) -> list[str]:
     """The `llmctl ...` invocations in shell text: one per line (after `$ `, pipes, `&&`, `;` or env settings), with
     trailing comments, redirections and what follows a pipe cut off. Lines ending in `\\` are joined first."""
     text = re.sub(r"\\\n\s*", " ", text)
+    text = re.sub(r"\$\(([^()]*)\)", r" ; \1 ; ", text)  # MODEL=$(llmctl train ...): the inner command
     found = []
     for line in text.splitlines():
         line = line.strip().removeprefix("$ ")
         if line.startswith("#"):
             continue
-        for piece in re.split(r"\|\||&&|\||;|\$\(|`", line):
+        for piece in re.split(r"\|\||&&|\||;|`", line):
             piece = piece.strip()
             piece = re.sub(r"^(?:[A-Z_][A-Z0-9_]*=\S*\s+)+", "", piece)  # VAR=value llmctl ...
             for prefix in ("torchrun ", "python -m ", "time "):
