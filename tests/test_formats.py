@@ -137,6 +137,19 @@ def test_preprocess_a_parquet_file_gives_the_shards_of_the_same_text_as_jsonl(tm
     assert meta["inputs"][0]["sha256"] == sha256_file(tmp_path / "c.parquet")
 
 
+def test_a_record_holding_blank_lines_stays_one_document(tmp_path, llmctl):
+    # Records go to the workers as paragraphs when that splits back into the same documents, else as JSONL.
+    texts = ["First part.\n\nSecond part of the same record.", "  ", "\nStarts with a break", "Plain."] * 30
+    _parquet(tmp_path / "m.parquet", {"text": texts})
+    (tmp_path / "m.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in texts))
+    sets = ["--set", "tokenizer.vocab_size=256", "--set", "data.val_fraction=0", "--json"]
+    a = llmctl("preprocess", str(tmp_path / "m.parquet"), "-o", str(tmp_path / "pq"), *sets)
+    b = llmctl("preprocess", str(tmp_path / "m.jsonl"), "-o", str(tmp_path / "js"), *sets)
+    assert a.code == b.code == 0, a.stderr + b.stderr
+    assert json.loads(a.stdout)["documents"] == json.loads(b.stdout)["documents"] == {"train": 90, "val": 0}
+    assert (tmp_path / "pq" / "train.bin").read_bytes() == (tmp_path / "js" / "train.bin").read_bytes()
+
+
 def test_preprocess_csv_saved_dataset_and_cached_hub_dataset(tmp_path, llmctl):
     _csv(tmp_path / "c.csv", ["text", "n"], [[t, i] for i, t in enumerate(TEXTS)])
     datasets.Dataset.from_dict({"text": TEXTS}).save_to_disk(tmp_path / "saved")

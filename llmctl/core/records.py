@@ -17,7 +17,6 @@ from __future__ import annotations
 import contextlib
 import csv
 import io
-import json
 import sys
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
@@ -114,6 +113,16 @@ def iter_records(
 
 def iter_texts(spec: str, field: str, fmt: str = "auto") -> Iterator[tuple[str, str]]:
     """(where, text) of `field` in each record; a value that is not a string is a DataError naming its record."""
+    if record_format(spec, fmt) == "parquet":  # a column at a time: no dict per row (preprocess reads GBs this way)
+        name = display_name(spec)
+        for first, columns in _parquet_batches(spec, [field], []):
+            values = columns[field]
+            if not all(type(v) is str for v in values):
+                i = next(i for i, v in enumerate(values) if type(v) is not str)
+                text_of({field: values[i]}, field, f"{name}:row {first + i}")  # raises, naming the row
+            for i, value in enumerate(values):
+                yield f"{name}:row {first + i}", value
+        return
     for where, record in iter_records(spec, fmt, [field]):
         yield where, text_of(record, field, where)
 
@@ -190,6 +199,16 @@ def _missing(name: str, fields: list[str], columns: list[str], what: str = "colu
 
 
 def _parquet(spec: str, fields: list[str], optional: list[str]) -> Iterator[tuple[str, dict[str, Any]]]:
+    name = display_name(spec)
+    for first, columns in _parquet_batches(spec, fields, optional):
+        names = list(columns)
+        for i, values in enumerate(zip(*columns.values())):
+            yield f"{name}:row {first + i}", dict(zip(names, values))
+
+
+def _parquet_batches(spec: str, fields: list[str], optional: list[str]) -> Iterator[tuple[int, dict[str, list]]]:
+    """(number of the batch's first row, column name -> values) for each batch of rows: a row group is read a
+    batch at a time, and only the columns asked for (all, when `fields` is empty)."""
     pq = _import("pyarrow.parquet", "Parquet")
     import pyarrow as pa
 
@@ -197,7 +216,7 @@ def _parquet(spec: str, fields: list[str], optional: list[str]) -> Iterator[tupl
     if spec == STDIN:
         raise DataError("<stdin>: Parquet cannot be read from a pipe; name the file")
     try:
-        parquet = pq.ParquetFile(spec)
+        parquet = pq.ParquetFile(spec, buffer_size=1 << 20, pre_buffer=False)  # stream column chunks, not whole
     except FileNotFoundError:
         raise DataError(f"{name}: no such file") from None
     except (pa.ArrowException, OSError) as exc:
@@ -206,14 +225,13 @@ def _parquet(spec: str, fields: list[str], optional: list[str]) -> Iterator[tupl
         columns = parquet.schema_arrow.names
         _missing(name, fields, columns)
         wanted = None if not fields else fields + [c for c in optional if c in columns and c not in fields]
-        row = 0
+        row = 1
         try:
             for batch in parquet.iter_batches(batch_size=_BATCH_ROWS, columns=wanted):
-                for record in batch.to_pylist():
-                    row += 1
-                    yield f"{name}:row {row}", record
+                yield row, {n: batch.column(i).to_pylist() for i, n in enumerate(batch.schema.names)}
+                row += batch.num_rows
         except (pa.ArrowException, OSError) as exc:
-            raise DataError(f"{name}: corrupt Parquet data after row {row} ({first_line(exc)})") from None
+            raise DataError(f"{name}: corrupt Parquet data after row {row - 1} ({first_line(exc)})") from None
 
 
 def _csv(spec: str, fields: list[str], delimiter: str) -> Iterator[tuple[str, dict[str, Any]]]:
@@ -318,19 +336,3 @@ def _import(module: str, what: str) -> Any:
         return importlib.import_module(module)
     except ImportError:
         raise DataError(f"reading {what} needs the `data` extra: {_DATA_EXTRA}") from None
-
-
-def jsonl_blocks(records: Iterator[tuple[str, str]], field: str, block_bytes: int) -> Iterator[bytes]:
-    """Texts re-encoded as JSONL lines `{field: text}` in blocks of about `block_bytes`, for the preprocess
-    pipeline, which cleans and encodes JSONL chunks in parallel workers: one record becomes one line."""
-    parts: list[bytes] = []
-    size = 0
-    for _, text in records:
-        line = (json.dumps({field: text}, ensure_ascii=False) + "\n").encode("utf-8")
-        parts.append(line)
-        size += len(line)
-        if size >= block_bytes:
-            yield b"".join(parts)
-            parts, size = [], 0
-    if parts:
-        yield b"".join(parts)
