@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import contextlib
 import csv
-import io
 import sys
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
@@ -141,7 +140,7 @@ def read_labeled_records(
     """(id, text, label, row) of each record, with the checks read_labeled makes of JSONL: text a string, label a
     string or an integer. `row` counts records from 1 (it stands in for the line in messages)."""
     out = []
-    for where, record in iter_records(spec, "auto", [text_field, label_field]):
+    for where, record in iter_records(spec, "auto", [text_field, label_field], optional=[id_field]):
         text = text_of(record, text_field, where)
         label = record[label_field]
         if isinstance(label, bool) or not isinstance(label, (str, int)):
@@ -238,8 +237,7 @@ def _csv(spec: str, fields: list[str], delimiter: str) -> Iterator[tuple[str, di
     name = display_name(spec)
     csv.field_size_limit(min(_CSV_FIELD_LIMIT, sys.maxsize))
     with open_binary(spec) as raw:
-        stream = io.TextIOWrapper(raw, encoding="utf-8", newline="")
-        reader = csv.reader(stream, delimiter=delimiter)
+        reader = csv.reader(_decoded_lines(raw, name), delimiter=delimiter)
         try:
             header = next(reader, None)
             if header is None:
@@ -257,8 +255,15 @@ def _csv(spec: str, fields: list[str], delimiter: str) -> Iterator[tuple[str, di
                 yield f"{name}:{reader.line_num}", dict(zip(header, row))
         except csv.Error as exc:
             raise DataError(f"{name}:{reader.line_num}: malformed CSV ({exc})") from None
+
+
+def _decoded_lines(raw: Any, name: str) -> Iterator[str]:
+    """Lines decoded one at a time (line ends kept, as csv wants), so that invalid UTF-8 names its line."""
+    for number, line in enumerate(raw, start=1):
+        try:
+            yield line.decode("utf-8")
         except UnicodeDecodeError:
-            raise DataError(f"{name}:{reader.line_num + 1}: not UTF-8 text") from None
+            raise DataError(f"{name}:{number}: not UTF-8 text") from None
 
 
 def _rows(name: str, dataset: Any, fields: list[str]) -> Iterator[tuple[str, dict[str, Any]]]:

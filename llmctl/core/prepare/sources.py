@@ -76,6 +76,8 @@ def expand_inputs(specs: list[str], globs: list[str], fmt: str, text_field: str 
         if spec.startswith(HF_PREFIX) or spec != STDIN and record_format(spec, fmt) == "dataset":
             sources.append(_records(spec, fmt, text_field))
         elif spec == STDIN:
+            if fmt in ("parquet", "csv", "tsv"):
+                raise DataError(f"data.format {fmt}: records are read from named files, not stdin; name the file")
             if any(s.kind == "stdin" for s in sources):
                 raise DataError("data.inputs: `-` (stdin) is given more than once")
             sources.append(Source("<stdin>", "stdin", "jsonl" if fmt == "jsonl" else "txt"))
