@@ -315,6 +315,13 @@ def generate(
     on_error: Annotated[
         str | None, typer.Option("--on-error", help="Malformed input line: fail | skip.", metavar="MODE")
     ] = None,
+    chat: Annotated[
+        bool | None,
+        typer.Option("--chat/--no-chat", help="Render prompts through the model's chat template (generate.chat)."),
+    ] = None,
+    system: Annotated[
+        str | None, typer.Option("--system", help="Chat: a system message before each conversation.", metavar="TEXT")
+    ] = None,
     quiet: QuietOpt = False,
     verbose: VerboseOpt = False,
     print_config: PrintConfigOpt = False,
@@ -340,6 +347,8 @@ def generate(
         "generate.seed": seed,
         "generate.precision": precision,
         "generate.on_error": on_error,
+        "generate.chat": chat,
+        "generate.system": system,
     }
     cfg = _load(config, set_, values, print_config, quiet, verbose)
     from llmctl import generate as command
@@ -361,7 +370,8 @@ def eval_(
     ] = None,
     task: Annotated[
         str | None,
-        typer.Option("--task", help="auto | lm | classification | zero-shot.", show_default=False, metavar="TASK")
+        typer.Option("--task", help="auto | lm | classification | zero-shot | sft | generation.", show_default=False,
+                     metavar="TASK"),
     ] = None,
     context: Annotated[int | None, typer.Option("--context", help="Window length in tokens.", metavar="N")] = None,
     stride: Annotated[int | None, typer.Option("--stride", help="Tokens the window advances by.", metavar="N")] = None,

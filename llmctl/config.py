@@ -255,9 +255,10 @@ class OptimConfig:
 
 @dataclass
 class TrainConfig:
-    task: Literal["causal_lm", "classification"] = "causal_lm"
+    task: Literal["causal_lm", "classification", "sft"] = "causal_lm"
     """`causal_lm` trains next-token prediction on the prepared shards; `classification` fine-tunes a
-    sequence-classification head on labeled data (`data.inputs`: JSONL or TSV with text and label)."""
+    sequence-classification head on labeled data (`data.inputs`: JSONL or TSV with text and label); `sft`
+    fine-tunes on instruction examples (`data.inputs`: JSONL of prompt/completion or chat messages; see `sft:`)."""
     max_steps: int = 2000
     """Optimizer steps to run; 0 means no step limit (then max_tokens or max_time must be set)."""
     max_tokens: int = 0
@@ -327,6 +328,45 @@ class TrainConfig:
 
 
 @dataclass
+class SftConfig:
+    prompt_field: str = "prompt"
+    """The field holding the prompt in prompt/completion examples."""
+    completion_field: str = "completion"
+    """The field holding the answer in prompt/completion examples."""
+    messages_field: str = "messages"
+    """The field holding a conversation (a list of {role, content}, roles system, user and assistant)."""
+    chat_template: str = "auto"
+    """`auto`: the tokenizer's own chat template, if it has one; a built-in one by name (`chatml`, `llama3`,
+    `zephyr`; their markers are added to the tokenizer as special tokens when it lacks them); a `.jinja` file; or a
+    Jinja string. `none` (or `auto` without one) joins prompt + completion + end-of-text instead, which only
+    prompt/completion data can use. The template used is saved with the run's tokenizer."""
+    system: str | None = None
+    """A system message put before every conversation that has none."""
+    train_on_prompt: bool = False
+    """Take the loss on every token; off (the default) takes it on answer tokens only (each assistant turn or
+    completion and the end-of-turn token that closes it)."""
+    packing: bool = True
+    """Pack short examples into context-length rows, positions restarting and attention kept within each example
+    (exact: the same loss per example as unpacked); off pads one example per row, in length-grouped batches."""
+    truncation: Literal["cut", "drop", "fail"] = "cut"
+    """An example longer than the context: `cut` it to the context (dropped, and counted, when no answer token is
+    left), `drop` it (counted), or `fail` naming its file:line."""
+    validation: str | None = None
+    """A separate JSONL file of validation examples; unset holds out data.val_fraction of the examples."""
+
+    def check(self) -> list[str]:
+        problems = []
+        for name in ("prompt_field", "completion_field", "messages_field"):
+            if not getattr(self, name):
+                problems.append(f"{name}: must not be empty")
+        if self.prompt_field == self.completion_field:
+            problems.append("completion_field: must differ from prompt_field")
+        if not self.chat_template:
+            problems.append("chat_template: must not be empty (auto, none, a built-in name, a file or Jinja)")
+        return problems
+
+
+@dataclass
 class GenerateConfig:
     model: str | None = None
     """Model to sample from (run directory, model directory or hub id); unset uses run.out_dir."""
@@ -380,6 +420,12 @@ class GenerateConfig:
     comes out up to twice as fast, a wrong guess costs about 5%, and guessing pauses while guesses keep failing."""
     on_error: Literal["fail", "skip"] = "fail"
     """A malformed input line stops the run (`fail`) or is skipped and counted (`skip`)."""
+    chat: bool = False
+    """Render each prompt as a user turn through the model's chat template (with the generation prompt) and stop at
+    the template's end-of-turn marker as well as at end-of-text; JSONL input may hold `messages` instead of
+    `prompt`. The model must have a chat template (an sft run saves the one it trained with)."""
+    system: str | None = None
+    """With chat: a system message put before each conversation that has none."""
 
     def check(self) -> list[str]:
         problems = []
@@ -407,11 +453,13 @@ class GenerateConfig:
 class EvalConfig:
     model: str | None = None
     """Model to evaluate (run directory, model directory or hub id); unset uses run.out_dir."""
-    task: Literal["auto", "lm", "classification", "zero_shot"] = "auto"
+    task: Literal["auto", "lm", "classification", "zero_shot", "sft", "generation"] = "auto"
     """`lm` (loss, perplexity, bits per byte of held-out text), `classification` (a model with a classification
     head, such as a `train.task: classification` run, on a labeled file), `zero_shot` (any causal LM classifies a
-    labeled file by the likelihood of each label's verbalizer), or `auto`: classification for a model with a
-    classification head, lm for a causal LM. Prediction files (`predictions`) are always classification."""
+    labeled file by the likelihood of each label's verbalizer), `sft` (loss and perplexity on the answer tokens of
+    a prompt/completion or messages file, as train.task sft takes them), `generation` (greedy answers to the prompts
+    of such a file, scored against its answers by exact and normalized match), or `auto`: classification for a model
+    with a classification head, lm for a causal LM. Prediction files (`predictions`) are always classification."""
     input: str | None = None
     """Held-out text (a file, `-` for stdin, or a prepared data directory, whose validation split is scored) or, for
     classification, a labeled file (JSONL with data.text_field/data.label_field, or TSV text<TAB>label). Unset, lm
@@ -454,7 +502,10 @@ class EvalConfig:
     """Prediction files: match JSONL lines by this field instead of by position. Labeled input: the field that
     names each example in `predictions_out` (default `id`, else the example's position)."""
     predictions_out: str | None = None
-    """Classification: write one JSONL line per example here: id, gold, predicted and per-label scores."""
+    """Classification: write one JSONL line per example here: id, gold, predicted and per-label scores. Generation:
+    id, prompt, reference, prediction, exact_match, normalized_match."""
+    max_new_tokens: int = 128
+    """Generation: tokens to generate per answer at most (an answer also ends at end-of-text or end-of-turn)."""
     output: str | None = None
     """Also write the JSON result to this file."""
     fail_under: dict[str, float] = field(default_factory=dict)
@@ -474,6 +525,8 @@ class EvalConfig:
             problems.append(f"stride: {self.stride} is longer than the context ({self.context})")
         if self.max_tokens < 0:
             problems.append("max_tokens: must be 0 (everything) or more")
+        if self.max_new_tokens <= 0:
+            problems.append("max_new_tokens: must be positive")
         if (self.predictions is None) != (self.references is None):
             missing = "references" if self.references is None else "predictions"
             problems.append(f"{missing}: predictions and references go together (--predictions with --references)")
@@ -508,6 +561,7 @@ class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    sft: SftConfig = field(default_factory=SftConfig)
     generate: GenerateConfig = field(default_factory=GenerateConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
 

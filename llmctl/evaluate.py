@@ -5,6 +5,8 @@ Four ways to evaluate, one result shape (documented in docs/eval.md):
     scored with a sliding window (llmctl.core.scoring.token_nll);
   - classification: a model with a classification head (a `train.task: classification` run) on a labeled file;
   - zero_shot: any causal LM on a labeled file, picking the label whose verbalizer is most likely after a prompt;
+  - sft, generation: a fine-tuned causal LM on instruction examples: its answer-only loss, or its greedy answers
+    scored against the references (llmctl.evaluate_sft);
   - files: predictions made elsewhere against references, no model at all.
 Gates (`eval.fail_under` / `eval.fail_over`) are checked by name before any scoring and reported in the result;
 the CLI turns failed gates into exit code 3.
@@ -63,7 +65,10 @@ def run(cfg: Config, *, quiet: bool = False) -> dict[str, Any]:
         set_threads(cfg.run.threads)
         device = pick_device(cfg.run.device)
         dtype = pick_dtype(ec.precision, device)
-        evaluate = {"lm": _eval_lm, "classification": _eval_head, "zero_shot": _eval_zero_shot}[task]
+        from llmctl.evaluate_sft import eval_answers, eval_generation
+
+        evaluate = {"lm": _eval_lm, "classification": _eval_head, "zero_shot": _eval_zero_shot, "sft": eval_answers,
+                    "generation": eval_generation}[task]
         result = evaluate(cfg, name, device, dtype, quiet)
     result["gates"] = evaluate_gates(gate_values(result), ec.fail_under, ec.fail_over)
     result["seconds"] = round(time.perf_counter() - started, 3)
@@ -106,8 +111,8 @@ def _resolve_task(task: str, kind: str, name: str) -> str:
         )
     if task in ("auto", "lm"):
         return "lm"
-    if task == "zero_shot":
-        return "zero_shot"
+    if task in ("zero_shot", "sft", "generation"):
+        return task
     raise ModelError(
         f"model {name} is a causal language model without a classification head; to classify with it zero-shot, "
         "use --task zero-shot (eval.task: zero_shot) and map each label to its text in eval.verbalizers"

@@ -21,12 +21,14 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 from llmctl.config import Config, GenerateConfig
+from llmctl.core.chat import Prompter
 from llmctl.core.inputs import parse_json_object
 from llmctl.errors import ConfigError, DataError
 
 log = logging.getLogger(__name__)
 
-JSONL_FIELDS = ("prompt", "id", "max_new_tokens", "temperature", "top_k", "top_p", "repetition_penalty", "stop", "seed")
+JSONL_FIELDS = ("prompt", "messages", "id", "max_new_tokens", "temperature", "top_k", "top_p", "repetition_penalty",
+                "stop", "seed")
 """The keys a JSONL prompt line may hold; any other key is an error (a misspelt option must not pass silently)."""
 
 LINGER_S = 0.05
@@ -40,7 +42,8 @@ class Prompt:
 
     position: int
     """0-based place among the prompts (empty and skipped lines do not count)."""
-    text: str
+    text: str | list[dict[str, str]]
+    """The prompt, or (chat, JSONL `messages`) the conversation so far."""
     id: str | int
     """The JSONL `id`, else the position."""
     overrides: dict[str, Any] = field(default_factory=dict)
@@ -72,8 +75,9 @@ def run(cfg: Config, *, quiet: bool = False) -> Iterator[str | dict]:
     tokenizer = load_tokenizer(name, trust_remote_code=cfg.run.trust_remote_code)
     model = load_model(name, dtype=pick_dtype(g.precision, device), trust_remote_code=cfg.run.trust_remote_code)
     model.to(device)
+    chat = Prompter.of(tokenizer, name, g.system, cfg.sft.chat_template, key="generate.chat") if g.chat else None
     decoder = Decoder(model, tokenizer, ignore_eos=g.ignore_eos, batch_invariant=g.batch_invariant,
-                      speculate=g.speculate)
+                      speculate=g.speculate, stop_ids=chat.stop_ids if chat else ())
     log.debug("model %s on %s (%s), %s decode path", name, device, next(model.parameters()).dtype, decoder.path)
     if decoder.context_length and g.max_new_tokens >= decoder.context_length:
         raise ConfigError(
@@ -84,7 +88,7 @@ def run(cfg: Config, *, quiet: bool = False) -> Iterator[str | dict]:
     seed = g.seed if g.seed is not None else cfg.run.seed
     start = time.perf_counter()
     for batch in _batches(_read_prompts(g, stats, quiet), g.batch_size):
-        requests, meta = _requests(batch, g, seed, tokenizer, decoder, stats)
+        requests, meta = _requests(batch, g, seed, tokenizer, decoder, stats, chat)
         if g.output_format == "jsonl":
             yield from _records(decoder.generate(requests), meta, stats)
         else:
@@ -163,7 +167,7 @@ def _from_lines(g: GenerateConfig, stats: _Stats) -> Iterator[Prompt]:
         text, ident, overrides = line, None, {}
         if g.input_format == "jsonl":
             try:
-                text, ident, overrides = _parse_jsonl(line, f"{name}:{number}")
+                text, ident, overrides = _parse_jsonl(line, f"{name}:{number}", g.chat)
             except DataError:
                 if g.on_error != "skip":
                     raise
@@ -174,9 +178,20 @@ def _from_lines(g: GenerateConfig, stats: _Stats) -> Iterator[Prompt]:
         position += 1
 
 
-def _parse_jsonl(line: str, where: str) -> tuple[str, str | int | None, dict[str, Any]]:
-    """(prompt, id, sampling overrides) from one JSONL line; a DataError naming the line if anything is off."""
+def _parse_jsonl(line: str, where: str, chat: bool = False) -> tuple[Any, str | int | None, dict[str, Any]]:
+    """(prompt or messages, id, sampling overrides) from one JSONL line; a DataError naming the line if anything is
+    off."""
     obj = parse_json_object(line, where)
+    if "messages" in obj:
+        if not chat:
+            raise DataError(f"{where}: \"messages\" needs chat mode (--chat, generate.chat: true)")
+        if "prompt" in obj:
+            raise DataError(f"{where}: give \"prompt\" or \"messages\", not both")
+        from llmctl.core.chat import check_messages
+
+        obj["prompt"] = check_messages(obj.pop("messages"), where)
+        if obj["prompt"][-1]["role"] == "assistant":
+            raise DataError(f"{where}: the conversation ends with an assistant turn: nothing to answer")
     if "prompt" not in obj:
         raise DataError(f"{where}: no \"prompt\" field")
     for key in obj:
@@ -185,7 +200,7 @@ def _parse_jsonl(line: str, where: str) -> tuple[str, str | int | None, dict[str
             hint = f"did you mean {close[0]!r}?" if close else f"expected {', '.join(JSONL_FIELDS)}"
             raise DataError(f"{where}: unknown field {key!r}; {hint}")
     text = obj.pop("prompt")
-    if not isinstance(text, str):
+    if not isinstance(text, (str, list)):
         raise DataError(f"{where}: \"prompt\" must be a string")
     ident = obj.pop("id", None)
     if ident is not None and (isinstance(ident, bool) or not isinstance(ident, (str, int))):
@@ -297,7 +312,8 @@ class _Meta:
     prompt_tokens: int
 
 
-def _requests(batch: list[Prompt], g: GenerateConfig, seed: int, tokenizer, decoder, stats: _Stats):
+def _requests(batch: list[Prompt], g: GenerateConfig, seed: int, tokenizer, decoder, stats: _Stats,
+              chat: Prompter | None = None):
     """Tokenize a batch of prompts and turn each into num_return_sequences decode requests."""
     from llmctl.core.decode import Request, SamplingParams
 
@@ -307,9 +323,12 @@ def _requests(batch: list[Prompt], g: GenerateConfig, seed: int, tokenizer, deco
         top_k=g.top_k,
         top_p=g.top_p,
         repetition_penalty=g.repetition_penalty,
-        stop=tuple(g.stop),
+        stop=tuple(g.stop) + (tuple(chat.stop_strings) if chat else ()),
     )
-    encoded = tokenizer([p.text for p in batch])["input_ids"]
+    if chat is not None:
+        encoded = chat.encode([p.text for p in batch])
+    else:
+        encoded = tokenizer([p.text for p in batch])["input_ids"]
     requests, meta = [], []
     for prompt, ids in zip(batch, encoded):
         overrides = dict(prompt.overrides)
@@ -318,6 +337,8 @@ def _requests(batch: list[Prompt], g: GenerateConfig, seed: int, tokenizer, deco
             overrides["stop"] = (overrides["stop"],)
         elif "stop" in overrides:
             overrides["stop"] = tuple(overrides["stop"])
+        if "stop" in overrides and chat is not None:
+            overrides["stop"] += tuple(chat.stop_strings)
         params = replace(base, **overrides)
         if not g.do_sample:
             params = replace(params, temperature=0.0)
@@ -380,7 +401,7 @@ def _records(events, meta: list[_Meta], stats: _Stats) -> Iterator[dict]:
             yield {
                 "id": m.prompt.id,
                 "index": m.index,
-                "prompt": m.prompt.text,
+                ("prompt" if isinstance(m.prompt.text, str) else "messages"): m.prompt.text,
                 "completion": result.text,
                 "prompt_tokens": m.prompt_tokens,
                 "tokens": len(result.token_ids),
@@ -400,7 +421,7 @@ def _text(events, meta: list[_Meta], echo: bool, stats: _Stats) -> Iterator[str]
     done: set[int] = set()
     head = 0
     if meta and echo:
-        yield meta[0].prompt.text
+        yield _shown(meta[0].prompt)
     for event in events:
         if isinstance(event, TextDelta):
             if event.index == head:
@@ -417,7 +438,12 @@ def _text(events, meta: list[_Meta], echo: bool, stats: _Stats) -> Iterator[str]
             yield "\n"
             head += 1
             if head < len(meta):
-                yield (meta[head].prompt.text if echo else "") + "".join(pending.pop(head, []))
+                yield (_shown(meta[head].prompt) if echo else "") + "".join(pending.pop(head, []))
+
+
+def _shown(prompt: Prompt) -> str:
+    """What --echo prints of a prompt: its text, or a conversation's last turn."""
+    return prompt.text if isinstance(prompt.text, str) else prompt.text[-1]["content"]
 
 
 def _summary(stats: _Stats, seconds: float) -> None:

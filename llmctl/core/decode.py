@@ -102,7 +102,7 @@ class Decoder:
     """Decodes batches of requests with one model and tokenizer."""
 
     def __init__(self, model: torch.nn.Module, tokenizer, *, ignore_eos: bool = False, batch_invariant: bool = True,
-                 speculate: bool = True):
+                 speculate: bool = True, stop_ids: Sequence[int] = ()):
         self.model = model.eval()
         self.speculate = speculate
         self.guesses = self.right_guesses = 0  # speculation, over this decoder's life
@@ -117,7 +117,8 @@ class Decoder:
                       type(model).__name__)
         vocab = model.get_output_embeddings().weight.shape[0]
         self.vocab_size = vocab
-        self.eos_ids = set() if ignore_eos else _eos_ids(model, tokenizer, vocab)
+        # stop_ids: more tokens that end a text (a chat template's end-of-turn marker)
+        self.eos_ids = set() if ignore_eos else _eos_ids(model, tokenizer, vocab) | {i for i in stop_ids if i < vocab}
         self.context_length = max_positions(model)
         self.pad_id = next(iter(self.eos_ids), None) or tokenizer.pad_token_id or 0
 

@@ -37,11 +37,21 @@ def supports_lean(model: nn.Module) -> bool:
         and not getattr(config, "scale_attn_by_inverse_layer_idx", False)
         and not getattr(config, "reorder_and_upcast_attn", False)
         and not getattr(config, "add_cross_attention", False)
+        # Adapters (peft) replace the projections with their own modules: the lean pass would bypass them.
+        and all(type(m).__name__ == "Conv1D" for b in model.transformer.h for m in (b.attn.c_attn, b.attn.c_proj,
+                                                                                      b.mlp.c_fc, b.mlp.c_proj))
     )
 
 
 def lean_gpt2_logits(model: nn.Module, idx: torch.Tensor) -> torch.Tensor:
     """GPT-2's forward pass (no cache, no padding) from a transformers GPT2LMHeadModel's own parameters."""
+    return model.lm_head(lean_gpt2_hidden(model, idx))  # (B, T, V)
+
+
+def lean_gpt2_hidden(model: nn.Module, idx: torch.Tensor, position_ids: torch.Tensor | None = None,
+                     attn_mask: torch.Tensor | None = None) -> torch.Tensor:
+    """The final hidden states (B, T, C) of GPT-2's forward pass. `position_ids` (B, T) and a boolean `attn_mask`
+    (B, 1, T, T), True where a query may attend, replace the plain positions and causal mask (packed rows)."""
     config = model.config
     t = model.transformer
     B, T = idx.shape
@@ -50,7 +60,8 @@ def lean_gpt2_logits(model: nn.Module, idx: torch.Tensor) -> torch.Tensor:
     eps = config.layer_norm_epsilon
     train = model.training
     act = _ACTIVATIONS[config.activation_function]
-    x = t.wte(idx) + t.wpe.weight[:T]  # (B, T, C)
+    pos = t.wpe.weight[:T] if position_ids is None else t.wpe(position_ids)  # (T, C) or (B, T, C)
+    x = t.wte(idx) + pos  # (B, T, C)
     x = F.dropout(x, config.embd_pdrop, train)
     for block in t.h:
         attn, mlp = block.attn, block.mlp
@@ -58,14 +69,14 @@ def lean_gpt2_logits(model: nn.Module, idx: torch.Tensor) -> torch.Tensor:
         # transformers' Conv1D is x @ W + b with W stored as (in, out)
         qkv = torch.addmm(attn.c_attn.bias, h, attn.c_attn.weight)  # (B*T, 3C)
         q, k, v = qkv.view(B, T, 3, nh, C // nh).permute(2, 0, 3, 1, 4).unbind(0)  # each (B, nh, T, hs)
-        y = F.scaled_dot_product_attention(q, k, v, dropout_p=config.attn_pdrop if train else 0.0, is_causal=True)
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=config.attn_pdrop if train else 0.0,
+                                           is_causal=attn_mask is None)
         y = y.transpose(1, 2).reshape(B * T, C)  # (B*T, C)
         x = x + F.dropout(torch.addmm(attn.c_proj.bias, y, attn.c_proj.weight), config.resid_pdrop, train).view(B, T, C)
         h = F.layer_norm(x, (C,), block.ln_2.weight, block.ln_2.bias, eps).view(B * T, C)
         h = act(torch.addmm(mlp.c_fc.bias, h, mlp.c_fc.weight))  # (B*T, 4C)
         x = x + F.dropout(torch.addmm(mlp.c_proj.bias, h, mlp.c_proj.weight), config.resid_pdrop, train).view(B, T, C)
-    x = F.layer_norm(x, (C,), t.ln_f.weight, t.ln_f.bias, eps)
-    return model.lm_head(x)  # (B, T, V)
+    return F.layer_norm(x, (C,), t.ln_f.weight, t.ln_f.bias, eps)
 
 
 class CausalLMObjective(nn.Module):
@@ -105,3 +116,59 @@ class ClassificationObjective(nn.Module):
             count = torch.tensor(float(labels.numel()), device=loss.device)
             return torch.stack([loss.detach(), count, correct])
         return loss
+
+
+# Causal LMs whose forward is `lm_head(backbone(...))` and nothing more (no logit soft-capping or scaling), so the
+# head may run on the answer positions alone. Prompt tokens need no logits: with a 50k vocabulary the head is about
+# a third of a GPT-2 124M's forward, and SFT prompts are often half the tokens.
+_PLAIN_HEAD_TYPES = {"gpt2", "llama", "mistral", "qwen2", "qwen3"}
+
+
+class SFTObjective(nn.Module):
+    """Answer-only next-token loss of a causal LM on rows that may pack several examples.
+
+    `input_ids`, `targets` (B, T), targets -100 where no loss is taken (prompts, padding, the joins between packed
+    examples); `position_ids` (B, T) restart at 0 for each packed example, and attention stays within an example
+    (transformers derives the block mask from the restarts; the lean GPT-2 path builds it here). Without
+    `position_ids` every row is one example, padded on the right. Returns the mean loss over the target tokens, or
+    with `reduction="sum"` `[loss_sum, targets, 0]`.
+    """
+
+    def __init__(self, model: nn.Module, lean: bool = True):
+        super().__init__()
+        self.model = model
+        self.lean = lean and supports_lean(model)
+        inner = model.get_base_model() if hasattr(model, "get_base_model") else model  # a peft model's own model
+        self._split = getattr(inner.config, "model_type", None) in _PLAIN_HEAD_TYPES
+        self._inner = [inner]  # a list: not registered twice as a submodule
+
+    def forward(self, input_ids: torch.Tensor, targets: torch.Tensor, position_ids: torch.Tensor | None = None,
+                reduction: str = "mean") -> torch.Tensor:
+        picked = targets != -100  # (B, T)
+        wanted = targets[picked]  # (N,)
+        if self.lean:
+            mask = None if position_ids is None else packed_mask(position_ids)
+            hidden = lean_gpt2_hidden(self.model, input_ids, position_ids, mask)  # (B, T, C)
+            logits = self.model.lm_head(hidden[picked])  # (N, V)
+        elif self._split:
+            inner = self._inner[0]
+            hidden = inner.base_model(input_ids=input_ids, position_ids=position_ids, use_cache=False)[0]
+            logits = inner.get_output_embeddings()(hidden[picked])  # (N, V)
+        else:
+            logits = self.model(input_ids=input_ids, position_ids=position_ids, use_cache=False).logits[picked]
+        loss = F.cross_entropy(logits.float(), wanted, reduction="sum")
+        count = wanted.numel()
+        if reduction == "sum":
+            n = torch.tensor(float(count), device=loss.device)
+            return torch.stack([loss.detach(), n, torch.zeros_like(n)])
+        return loss / max(count, 1)
+
+
+def packed_mask(position_ids: torch.Tensor) -> torch.Tensor:
+    """(B, 1, T, T) boolean attention mask for packed rows: causal, and within the example a token belongs to (a new
+    example starts where the position restarts at 0)."""
+    segment = (position_ids == 0).cumsum(-1)  # (B, T)
+    same = segment[:, :, None] == segment[:, None, :]  # (B, T, T)
+    T = position_ids.shape[1]
+    causal = torch.ones(T, T, dtype=torch.bool, device=position_ids.device).tril()
+    return (same & causal)[:, None]

@@ -53,7 +53,7 @@ from llmctl.train.data import (
     load_token_data,
     split_labeled,
 )
-from llmctl.train.model import causal_lm, classifier, wrap
+from llmctl.train.model import causal_lm, classifier, fine_tune_tokenizer, sft_model, wrap
 from llmctl.train.rundir import (
     CHECKPOINTS,
     CONFIG_FILE,
@@ -72,6 +72,7 @@ from llmctl.train.rundir import (
     save_checkpoint,
     write_run_file,
 )
+from llmctl.train.sft import SftData
 from llmctl.train.step import (
     StopSignal,
     all_reduce,
@@ -142,6 +143,22 @@ def _train(cfg: Config, dist: Dist, device: torch.device, *, force: bool, quiet:
         data = LabeledData(*encode(train_ex), *encode(val_ex), labels, tokenizer.pad_token_id, cfg.run.seed)
         context = limit
         objective = ClassificationObjective(hf_model)
+    elif t.task == "sft":
+        if t.max_tokens:
+            raise ConfigError("train.max_tokens: counts tokens of causal_lm training; use max_steps or epochs")
+        from llmctl.core.fastgpt import SFTObjective
+        from llmctl.core.sft import prepare_tokenizer, uses_messages
+        from llmctl.train.sft import load_sft
+
+        tokenizer, source = fine_tune_tokenizer(cfg)
+        own_size = len(tokenizer)
+        needs_template = bool(cfg.data.inputs) and "-" not in cfg.data.inputs and uses_messages(cfg.data.inputs,
+                                                                                                cfg.sft)
+        template = prepare_tokenizer(tokenizer, cfg.sft.chat_template, source, needs_template)
+        hf_model = sft_model(cfg, tokenizer, own_size)
+        context = _context(t.context, hf_model, default=1024)
+        data, data_hash, sft_stats = load_sft(cfg, tokenizer, template, context, t.batch_size * t.grad_accum)
+        objective = SFTObjective(hf_model, lean=cfg.model.lean and not fsdp)
     else:
         data, tokenizer, meta, data_hash = load_token_data(cfg, dist, quiet)
         hf_model = causal_lm(cfg, tokenizer, meta)
@@ -224,7 +241,9 @@ def _train(cfg: Config, dist: Dist, device: torch.device, *, force: bool, quiet:
             "training %s: %.2fM parameters on %s (%s%s), %s steps of %d x %d %s",
             type(hf_model).__name__, n_params / 1e6, device, precision_name(dtype),
             f", {dist.world_size} processes" if dist.enabled else "", total_steps or "?", global_batch,
-            context if t.task == "causal_lm" else 1, "tokens" if t.task == "causal_lm" else "examples",
+            context if t.task != "classification" else 1,
+            {"causal_lm": "tokens", "sft": "tokens (packed rows)" if cfg.sft.packing else "tokens at most"}.get(
+                t.task, "examples"),
         )
         try:
             result = _loop(ctx, data, dtype, context, global_batch, per_step, quiet, metrics, limit_name)
@@ -258,6 +277,8 @@ def _train(cfg: Config, dist: Dist, device: torch.device, *, force: bool, quiet:
         }
         if "val_accuracy" in result["final"]:
             summary["final_val_accuracy"] = result["final"]["val_accuracy"]
+        if t.task == "sft":
+            summary["examples"] = sft_stats
         if dist.is_main and "png" in t.loggers:
             with contextlib.suppress(Exception):  # a picture is not worth failing a finished run for
                 plot_loss(out_dir / METRICS_FILE, out_dir / LOSS_PLOT)
@@ -328,8 +349,12 @@ def _loop(ctx: Run, data, dtype, context: int, global_batch: int, per_step: int,
             mine = items[dist.rank * share : (dist.rank + 1) * share]
             torch.manual_seed(derived_seed(cfg.run.seed, step, dist.rank))  # dropout masks
             try:
-                micro = [(data.batch(mine[i : i + t.batch_size], device), len(mine[i : i + t.batch_size]) / share)
-                         for i in range(0, share, t.batch_size)]
+                chunks = [mine[i : i + t.batch_size] for i in range(0, share, t.batch_size)]
+                if isinstance(data, SftData):  # the mean over the step's answer tokens, however they fall
+                    weights = data.micro_weights(chunks, items, dist.world_size)
+                else:
+                    weights = [len(chunk) / share for chunk in chunks]
+                micro = [(data.batch(chunk, device), w) for chunk, w in zip(chunks, weights)]
                 loss, norm = train_step(model, ctx.optimizer, ctx.scaler, micro, autocast, cfg.optim.grad_clip, sync,
                                         trainable)
                 loss_value, norm_value = loss.item(), norm.item()
@@ -349,7 +374,12 @@ def _loop(ctx: Run, data, dtype, context: int, global_batch: int, per_step: int,
             optimizer_step(ctx.optimizer, ctx.scaler)
             step += 1
             counters["step"] = step
-            counters["tokens"] += data.tokens_of(mine) * dist.world_size if isinstance(data, LabeledData) else per_step
+            if isinstance(data, SftData):
+                counters["tokens"] += data.tokens_of_step(items)
+            elif isinstance(data, LabeledData):
+                counters["tokens"] += data.tokens_of(mine) * dist.world_size
+            else:
+                counters["tokens"] += per_step
             counters["elapsed"] = elapsed0 + time.perf_counter() - t0
             window.append(loss_value)
 

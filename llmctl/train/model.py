@@ -48,8 +48,10 @@ def check_tokenizer(name: str, tokenizer, model, data_vocab: int, cfg: Config) -
             )
 
 
-def classifier(cfg: Config, labels: list[str]):
-    from llmctl.core.model import build_model, load_model, load_tokenizer
+def fine_tune_tokenizer(cfg: Config):
+    """The tokenizer of tokenizer.pretrained or model.pretrained, else the byte tokenizer (training from scratch),
+    with a pad token; and the name it came from."""
+    from llmctl.core.model import load_tokenizer
 
     source = cfg.tokenizer.pretrained or cfg.model.pretrained
     if source:
@@ -62,6 +64,36 @@ def classifier(cfg: Config, labels: list[str]):
         if tokenizer.eos_token_id is None:
             raise ModelError(f"the tokenizer of {source} has neither a pad nor an end-of-text token to pad with")
         tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer, source or "the byte tokenizer"
+
+
+def sft_model(cfg: Config, tokenizer, own_size: int):
+    """The causal LM to fine-tune on instructions: model.pretrained (its embeddings grown when the chat template
+    added marker tokens to the tokenizer's `own_size` ids), or a GPT-2 of the configured shape sized for the
+    tokenizer."""
+    from llmctl.core.model import build_model, load_model
+
+    if not cfg.model.pretrained:
+        return build_model(cfg.model, len(tokenizer), tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+    name = cfg.model.pretrained
+    model = load_model(name, dtype=torch.float32, trust_remote_code=cfg.run.trust_remote_code)
+    rows = model.get_input_embeddings().num_embeddings
+    if own_size > rows:
+        raise ModelError(
+            f"vocabulary mismatch: the tokenizer of {cfg.tokenizer.pretrained or name} has {own_size} ids but model "
+            f"{name} has {rows} embedding rows; use the model's own tokenizer (unset tokenizer.pretrained)"
+        )
+    if len(tokenizer) > rows:
+        log.info("growing the embeddings of %s from %d to %d rows for the chat template's markers", name, rows,
+                 len(tokenizer))
+        model.resize_token_embeddings(len(tokenizer), mean_resizing=True)
+    return model
+
+
+def classifier(cfg: Config, labels: list[str]):
+    from llmctl.core.model import build_model, load_model
+
+    tokenizer, source = fine_tune_tokenizer(cfg)
     if cfg.model.pretrained:
         model = load_model(
             cfg.model.pretrained,

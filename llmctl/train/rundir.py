@@ -46,8 +46,11 @@ _FREE_TRAIN_KEYS = {"resume", "keep_checkpoints", "log_interval", "eval_interval
 def run_identity(cfg: Config) -> dict[str, Any]:
     """The settings that determine the weights a run produces; checkpoints record them (and their hash)."""
     train = {k: v for k, v in dataclasses.asdict(cfg.train).items() if k not in _FREE_TRAIN_KEYS}
-    return {"seed": cfg.run.seed, "model": dataclasses.asdict(cfg.model), "optim": dataclasses.asdict(cfg.optim),
-            "train": train}
+    identity = {"seed": cfg.run.seed, "model": dataclasses.asdict(cfg.model), "optim": dataclasses.asdict(cfg.optim),
+                "train": train}
+    if cfg.train.task == "sft":
+        identity["sft"] = dataclasses.asdict(cfg.sft)
+    return identity
 
 
 def _differences(old: dict, new: dict, prefix: str = "") -> list[str]:
@@ -312,12 +315,23 @@ def export(ctx: Run) -> None:
         gen.eos_token_id = ctx.tokenizer.eos_token_id
         gen.bos_token_id = ctx.tokenizer.bos_token_id if ctx.tokenizer.bos_token_id is not None else gen.eos_token_id
         gen.pad_token_id = ctx.tokenizer.pad_token_id if ctx.tokenizer.pad_token_id is not None else gen.eos_token_id
+        turn_ends = _turn_end_ids(ctx.tokenizer) - {gen.eos_token_id}
+        if turn_ends:  # plain model.generate then stops at the end of an answer too
+            gen.eos_token_id = [gen.eos_token_id, *sorted(turn_ends)]
     model.save_pretrained(tmp, state_dict=weights)
     ctx.tokenizer.save_pretrained(tmp)
     ctx.cfg.save(tmp / CONFIG_FILE)
     for f in tmp.iterdir():
         os.replace(f, out_dir / f.name)
     shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _turn_end_ids(tokenizer) -> set[int]:
+    """The end-of-turn token of the tokenizer's chat template, when it is one token (none without a template)."""
+    from llmctl.core import chat
+
+    template = chat.resolve_template("auto", tokenizer)
+    return chat.stop_ids_and_strings(tokenizer, template)[0] if template is not None else set()
 
 
 def plot_loss(metrics: Path, out: Path) -> None:
