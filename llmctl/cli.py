@@ -72,7 +72,7 @@ EXAMPLES = {
     ),
     "train": _examples(
         "llmctl train -c configs/quickstart.yaml",
-        "llmctl train -c configs/lm-bpe.yaml -o runs/bpe --set train.max_steps=5000 --set optim.lr=6e-4",
+        "llmctl train -c configs/sft.yaml                              # prompt/completion or chat JSONL",
         "llmctl train -c configs/lm-bpe.yaml --resume                 # continue after Ctrl-C (exit 75)",
         "llmctl train -c configs/lm-bpe.yaml --set 'train.loggers=[jsonl,png,tensorboard]'",
         "llmctl train -c configs/sentiment.yaml --set data.inputs=[reviews.parquet] --json",
@@ -82,7 +82,7 @@ EXAMPLES = {
         "llmctl generate -m runs/quickstart --greedy --stop '.' < prompts.txt",
         "llmctl generate -m runs/quickstart -i prompts.jsonl --input-format jsonl -f jsonl > out.jsonl",
         "llmctl generate -m runs/quickstart -i prompts.parquet -f jsonl       # a `prompt` column",
-        "llmctl generate -c configs/quickstart.yaml --seed 7 --num-return-sequences 3",
+        "llmctl generate -m runs/sft --chat --system 'Answer briefly.' -p 'Name a prime number.'",
     ),
     "eval": _examples(
         "llmctl eval -c configs/quickstart.yaml                          # validation split of data.dir",

@@ -126,13 +126,15 @@ def _read_prompts(g: GenerateConfig, stats: _Stats, quiet: bool) -> Iterable[Pro
 
 
 def _from_records(g: GenerateConfig, stats: _Stats) -> Iterator[Prompt]:
-    """Prompts from a Parquet, CSV or dataset input: its `prompt` column, and `id` and the per-prompt sampling
-    columns of JSONL prompts where the table has them (other columns are ignored: tables carry more than prompts)."""
+    """Prompts from a Parquet, CSV or dataset input: its `prompt` column (or, with chat, `messages`), and `id` and the
+    per-prompt sampling columns of JSONL prompts where the table has them (other columns are ignored: tables carry
+    more than prompts)."""
     from llmctl.core.records import iter_records
 
-    for position, (where, record) in enumerate(iter_records(g.input, fields=["prompt"], optional=JSONL_FIELDS)):
+    required = [] if g.chat else ["prompt"]
+    for position, (where, record) in enumerate(iter_records(g.input, fields=required, optional=JSONL_FIELDS)):
         kept = {k: v for k, v in record.items() if k in JSONL_FIELDS and v is not None}
-        text, ident, overrides = _parse_jsonl(json.dumps(kept), where)
+        text, ident, overrides = _parse_jsonl(json.dumps(kept), where, g.chat)
         stats.prompts += 1
         yield Prompt(position, text, position if ident is None else ident, overrides)
 

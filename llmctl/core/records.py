@@ -91,7 +91,7 @@ def iter_records(
 
     `fields` are the columns the caller needs: a Parquet file, CSV header or dataset without one of them is a
     DataError that lists the columns it has (before any record is read); a JSONL line without one names its line.
-    With `fields` given, Parquet reads only those columns and the `optional` ones it has; without, every column.
+    Parquet reads only those columns and the `optional` ones it has (every column when neither is given).
     `fmt` is data.format (`auto` goes by `record_format`).
     """
     fields = list(fields)
@@ -223,7 +223,8 @@ def _parquet_batches(spec: str, fields: list[str], optional: list[str]) -> Itera
     with contextlib.closing(parquet):
         columns = parquet.schema_arrow.names
         _missing(name, fields, columns)
-        wanted = None if not fields else fields + [c for c in optional if c in columns and c not in fields]
+        extra = [c for c in optional if c in columns and c not in fields]
+        wanted = fields + extra if fields or extra else None
         row = 1
         try:
             for batch in parquet.iter_batches(batch_size=_BATCH_ROWS, columns=wanted):
