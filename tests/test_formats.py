@@ -212,7 +212,11 @@ def test_bad_inputs_fail_with_one_line_and_write_nothing(tmp_path, llmctl):
     (tmp_path / "corrupt.parquet").write_bytes(b"PAR1" + b"\x00" * 64)
     _parquet(tmp_path / "cols.parquet", {"body": TEXTS[:3], "id": [1, 2, 3]})
     (tmp_path / "ragged.csv").write_text("text,label\nfine,1\nshort\nfine,0\n")
+    _parquet(tmp_path / "nulls.parquet", {"text": [f"row {i}" if i != 5 else None for i in range(10)]}, 4)
+    _parquet(tmp_path / "ints.parquet", {"text": list(range(10))})
     cases = {
+        "nulls.parquet": "nulls.parquet:row 6: 'text' must be a string, not null",  # in its second row group
+        "ints.parquet": "ints.parquet: column 'text' holds int64, not text",
         "corrupt.parquet": "not a readable Parquet file",
         "cols.parquet": "no column 'text'; it has: body, id",
         "ragged.csv": "ragged.csv:3: 1 fields, but the header has 2 (text, label)",

@@ -234,6 +234,44 @@ def _parquet_batches(spec: str, fields: list[str], optional: list[str]) -> Itera
             raise DataError(f"{name}: corrupt Parquet data after row {row - 1} ({first_line(exc)})") from None
 
 
+def parquet_row_groups(spec: str, field: str) -> list[tuple[int, int]]:
+    """(rows, uncompressed bytes) of each row group of a Parquet file whose `field` column holds strings, for
+    readers that take row groups apart (preprocess workers); a DataError as `iter_texts` would raise one."""
+    pq = _import("pyarrow.parquet", "Parquet")
+    import pyarrow as pa
+
+    name = display_name(spec)
+    try:
+        meta = pq.ParquetFile(spec).metadata
+    except FileNotFoundError:
+        raise DataError(f"{name}: no such file") from None
+    except (pa.ArrowException, OSError) as exc:
+        raise DataError(f"{name}: not a readable Parquet file ({first_line(exc)})") from None
+    schema = meta.schema.to_arrow_schema()
+    _missing(name, [field], schema.names)
+    kind = schema.field(field).type
+    if not (pa.types.is_string(kind) or pa.types.is_large_string(kind)):
+        raise DataError(f"{name}: column {field!r} holds {kind}, not text")
+    return [(meta.row_group(i).num_rows, meta.row_group(i).total_byte_size) for i in range(meta.num_row_groups)]
+
+
+def parquet_texts(spec: str, groups: range, field: str, first_row: int) -> list[str]:
+    """The `field` values of row groups `groups` (rows numbered from `first_row` in messages)."""
+    pq = _import("pyarrow.parquet", "Parquet")
+    import pyarrow as pa
+
+    name = display_name(spec)
+    try:
+        with contextlib.closing(pq.ParquetFile(spec)) as parquet:
+            column = parquet.read_row_groups(list(groups), columns=[field]).column(0)
+    except (pa.ArrowException, OSError) as exc:
+        raise DataError(f"{name}: corrupt Parquet data in rows from {first_row} ({first_line(exc)})") from None
+    if column.null_count:
+        row = next(i for i, v in enumerate(column.is_null().to_pylist()) if v)
+        raise DataError(f"{name}:row {first_row + row}: {field!r} must be a string, not null")
+    return column.to_pylist()
+
+
 def _csv(spec: str, fields: list[str], delimiter: str) -> Iterator[tuple[str, dict[str, Any]]]:
     name = display_name(spec)
     csv.field_size_limit(min(_CSV_FIELD_LIMIT, sys.maxsize))

@@ -26,7 +26,7 @@ from typing import IO
 
 from llmctl.core.files import sha256_file
 from llmctl.core.inputs import STDIN, input_format, open_binary
-from llmctl.core.records import HF_PREFIX, iter_texts, provenance, record_format
+from llmctl.core.records import HF_PREFIX, iter_texts, parquet_row_groups, provenance, record_format
 from llmctl.errors import DataError
 
 PYDOC_TOPICS = "stdlib:pydoc-topics"
@@ -183,9 +183,20 @@ class Chunk:
     """For a plain file: where the worker reads the chunk itself (`data` is then empty), which spares the main
     process from sending every byte of the corpus through a pipe."""
     offset: int = 0
+    row_groups: tuple[int, int] | None = None
+    """For a Parquet input: the row groups [start, end) whose `field` texts the worker reads itself (`line` is then
+    the number of their first row); `load` also settles `mode` (see `_record_chunk`)."""
+    field: str | None = None
 
     def load(self) -> bytes:
         """The chunk's bytes, wherever they are."""
+        if self.row_groups is not None:
+            from llmctl.core.records import parquet_texts
+
+            texts = parquet_texts(self.path, range(*self.row_groups), self.field, self.line)
+            self.data, self.mode = _encode_records(texts, self.field)
+            self.row_groups = None
+            return self.data
         if self.path is None:
             return self.data
         with open(self.path, "rb") as f:
@@ -234,6 +245,11 @@ def _source_chunks(source: Source, number: int, mode: str, chunk_bytes: int, str
     if source.kind == "builtin":
         yield from _cut(iter([_pydoc_topics_jsonl()]), source, number, mode, chunk_bytes, lambda: False)
         return
+    if source.kind == "records" and record_format(source.name, source.fmt) == "parquet":
+        groups = parquet_row_groups(source.name, source.field or "text")
+        if max((size for _, size in groups), default=0) <= 4 * chunk_bytes:
+            yield from _row_group_chunks(groups, number, source.name, source.field or "text", chunk_bytes)
+            return
     if source.kind == "records":
         yield from _record_chunks(iter_texts(source.name, source.field or "text", source.fmt), number,
                                   source.field or "text", chunk_bytes)
@@ -268,19 +284,37 @@ def _source_chunks(source: Source, number: int, mode: str, chunk_bytes: int, str
             source.sha256 = hasher.hexdigest()
 
 
+def _row_group_chunks(groups: list[tuple[int, int]], number: int, path: str, field: str,
+                      chunk_bytes: int) -> Iterator[Chunk]:
+    """A Parquet file as chunks of whole row groups (about `chunk_bytes` each) that the workers read and decode
+    themselves, as they read plain files: the main process only hands out row-group numbers."""
+    start, row, first, size = 0, 1, 1, 0
+    for i, (rows, nbytes) in enumerate(groups):
+        size += nbytes
+        row += rows
+        if size >= chunk_bytes or i == len(groups) - 1:
+            yield Chunk(number, b"", "paragraph", line=first, nbytes=size, path=path, row_groups=(start, i + 1),
+                        field=field)
+            start, first, size = i + 1, row, 0
+
+
+def _encode_records(texts: list[str], field: str) -> tuple[bytes, str]:
+    """Texts, one document each, as chunk bytes and their mode: paragraphs (texts joined by blank lines: the
+    workers' fast path, as for a .txt file) when that splits back into the same documents, else JSONL lines
+    `{field: text}`, which keep any text whole."""
+    if _paragraph_safe(texts):
+        return ("\n\n".join(texts) + "\n").encode("utf-8", "surrogatepass"), "paragraph"
+    return "".join(json.dumps({field: t}, ensure_ascii=False) + "\n" for t in texts).encode("utf-8"), "jsonl"
+
+
 def _record_chunks(texts: Iterator[tuple[str, str]], number: int, field: str, chunk_bytes: int) -> Iterator[Chunk]:
-    """Records' texts as chunks of about `chunk_bytes`, one document per record. A chunk in which no text holds a
-    paragraph break goes as paragraphs (texts joined by blank lines: the workers' fast path, as for a .txt file);
-    otherwise as JSONL lines `{field: text}`, which keep any text whole."""
+    """Records' texts, read here, as chunks of about `chunk_bytes`, one document per record."""
     batch: list[str] = []
     size = 0
 
     def chunk() -> Chunk:
-        if _paragraph_safe(batch):
-            data = ("\n\n".join(batch) + "\n").encode("utf-8", "surrogatepass")
-            return Chunk(number, data, "paragraph", nbytes=len(data))
-        data = "".join(json.dumps({field: t}, ensure_ascii=False) + "\n" for t in batch).encode("utf-8")
-        return Chunk(number, data, "jsonl", nbytes=len(data))
+        data, mode = _encode_records(batch, field)
+        return Chunk(number, data, mode, nbytes=len(data))
 
     for _, text in texts:
         batch.append(text)
