@@ -348,6 +348,9 @@ class SftConfig:
     packing: bool = True
     """Pack short examples into context-length rows, positions restarting and attention kept within each example
     (exact: the same loss per example as unpacked); off pads one example per row, in length-grouped batches."""
+    group_by_length: bool = True
+    """Without packing: batch examples of similar length together (sorted within windows of 64 batches, the batches
+    then shuffled), so that little is padded; off draws each batch in plain shuffled order."""
     truncation: Literal["cut", "drop", "fail"] = "cut"
     """An example longer than the context: `cut` it to the context (dropped, and counted, when no answer token is
     left), `drop` it (counted), or `fail` naming its file:line."""

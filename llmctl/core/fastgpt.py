@@ -15,6 +15,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from llmctl.core import packing
+
 # transformers' activation names with a faster torch kernel for the same function.
 _ACTIVATIONS = {
     "gelu": F.gelu,
@@ -48,10 +50,9 @@ def lean_gpt2_logits(model: nn.Module, idx: torch.Tensor) -> torch.Tensor:
     return model.lm_head(lean_gpt2_hidden(model, idx))  # (B, T, V)
 
 
-def lean_gpt2_hidden(model: nn.Module, idx: torch.Tensor, position_ids: torch.Tensor | None = None,
-                     attn_mask: torch.Tensor | None = None) -> torch.Tensor:
-    """The final hidden states (B, T, C) of GPT-2's forward pass. `position_ids` (B, T) and a boolean `attn_mask`
-    (B, 1, T, T), True where a query may attend, replace the plain positions and causal mask (packed rows)."""
+def lean_gpt2_hidden(model: nn.Module, idx: torch.Tensor, position_ids: torch.Tensor | None = None) -> torch.Tensor:
+    """The final hidden states (B, T, C) of GPT-2's forward pass. With `position_ids` (B, T) restarting at 0 where
+    each packed example starts, every example attends within itself only (llmctl.core.packing)."""
     config = model.config
     t = model.transformer
     B, T = idx.shape
@@ -61,6 +62,7 @@ def lean_gpt2_hidden(model: nn.Module, idx: torch.Tensor, position_ids: torch.Te
     train = model.training
     act = _ACTIVATIONS[config.activation_function]
     pos = t.wpe.weight[:T] if position_ids is None else t.wpe(position_ids)  # (T, C) or (B, T, C)
+    examples = None if position_ids is None else packing.segments(position_ids)
     x = t.wte(idx) + pos  # (B, T, C)
     x = F.dropout(x, config.embd_pdrop, train)
     for block in t.h:
@@ -69,9 +71,12 @@ def lean_gpt2_hidden(model: nn.Module, idx: torch.Tensor, position_ids: torch.Te
         # transformers' Conv1D is x @ W + b with W stored as (in, out)
         qkv = torch.addmm(attn.c_attn.bias, h, attn.c_attn.weight)  # (B*T, 3C)
         q, k, v = qkv.view(B, T, 3, nh, C // nh).permute(2, 0, 3, 1, 4).unbind(0)  # each (B, nh, T, hs)
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=config.attn_pdrop if train else 0.0,
-                                           is_causal=attn_mask is None)
-        y = y.transpose(1, 2).reshape(B * T, C)  # (B*T, C)
+        dropout = config.attn_pdrop if train else 0.0
+        if examples is None:
+            y = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout, is_causal=True).transpose(1, 2)
+        else:
+            y = packing.attend(q, k, v, *examples, dropout=dropout)  # (B, T, nh, hs)
+        y = y.reshape(B * T, C)  # (B*T, C)
         x = x + F.dropout(torch.addmm(attn.c_proj.bias, y, attn.c_proj.weight), config.resid_pdrop, train).view(B, T, C)
         h = F.layer_norm(x, (C,), block.ln_2.weight, block.ln_2.bias, eps).view(B * T, C)
         h = act(torch.addmm(mlp.c_fc.bias, h, mlp.c_fc.weight))  # (B*T, 4C)
@@ -129,9 +134,9 @@ class SFTObjective(nn.Module):
 
     `input_ids`, `targets` (B, T), targets -100 where no loss is taken (prompts, padding, the joins between packed
     examples); `position_ids` (B, T) restart at 0 for each packed example, and attention stays within an example
-    (transformers derives the block mask from the restarts; the lean GPT-2 path builds it here). Without
-    `position_ids` every row is one example, padded on the right. Returns the mean loss over the target tokens, or
-    with `reduction="sum"` `[loss_sum, targets, 0]`.
+    (llmctl.core.packing, for the lean GPT-2 pass and, through transformers' attention interface, for any model).
+    Without `position_ids` every row is one example, padded on the right. Returns the mean loss over the target
+    tokens, or with `reduction="sum"` `[loss_sum, targets, 0]`.
     """
 
     def __init__(self, model: nn.Module, lean: bool = True):
@@ -147,28 +152,20 @@ class SFTObjective(nn.Module):
         picked = targets != -100  # (B, T)
         wanted = targets[picked]  # (N,)
         if self.lean:
-            mask = None if position_ids is None else packed_mask(position_ids)
-            hidden = lean_gpt2_hidden(self.model, input_ids, position_ids, mask)  # (B, T, C)
+            hidden = lean_gpt2_hidden(self.model, input_ids, position_ids)  # (B, T, C)
             logits = self.model.lm_head(hidden[picked])  # (N, V)
-        elif self._split:
-            inner = self._inner[0]
-            hidden = inner.base_model(input_ids=input_ids, position_ids=position_ids, use_cache=False)[0]
-            logits = inner.get_output_embeddings()(hidden[picked])  # (N, V)
         else:
-            logits = self.model(input_ids=input_ids, position_ids=position_ids, use_cache=False).logits[picked]
+            inner = self._inner[0]
+            with packing.attention_for(inner, packed=position_ids is not None):
+                if self._split:
+                    hidden = inner.base_model(input_ids=input_ids, position_ids=position_ids, use_cache=False)[0]
+                    logits = inner.get_output_embeddings()(hidden[picked])  # (N, V)
+                else:
+                    logits = self.model(input_ids=input_ids, position_ids=position_ids, use_cache=False).logits
+                    logits = logits[picked]
         loss = F.cross_entropy(logits.float(), wanted, reduction="sum")
         count = wanted.numel()
         if reduction == "sum":
             n = torch.tensor(float(count), device=loss.device)
             return torch.stack([loss.detach(), n, torch.zeros_like(n)])
         return loss / max(count, 1)
-
-
-def packed_mask(position_ids: torch.Tensor) -> torch.Tensor:
-    """(B, 1, T, T) boolean attention mask for packed rows: causal, and within the example a token belongs to (a new
-    example starts where the position restarts at 0)."""
-    segment = (position_ids == 0).cumsum(-1)  # (B, T)
-    same = segment[:, :, None] == segment[:, None, :]  # (B, T, T)
-    T = position_ids.shape[1]
-    causal = torch.ones(T, T, dtype=torch.bool, device=position_ids.device).tril()
-    return (same & causal)[:, None]

@@ -233,6 +233,8 @@ def collate(rows: list[list[tuple[np.ndarray, np.ndarray]]], device: torch.devic
             if positions is not None:
                 positions[r, at : at + len(x)] = np.arange(len(x))
             at += len(x)
+        if positions is not None and at < width:  # the padding after the last example: one more "example"
+            positions[r, at:] = np.arange(width - at)
     out = {"input_ids": torch.from_numpy(ids), "targets": torch.from_numpy(targets)}
     if positions is not None:
         out["position_ids"] = torch.from_numpy(positions)

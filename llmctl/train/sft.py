@@ -41,6 +41,7 @@ class SftData:
     packing: bool
     seed: int
     global_batch: int
+    group_by_length: bool = True
     _inputs: list[tuple[np.ndarray, np.ndarray]] = field(default_factory=list, repr=False)
     _val_inputs: list[tuple[np.ndarray, np.ndarray]] = field(default_factory=list, repr=False)
     _epochs: dict[int, list[tuple[int, ...]]] = field(default_factory=dict, repr=False)
@@ -108,8 +109,10 @@ class SftData:
             lengths = [len(x) for x, _ in self._inputs]
             if self.packing:
                 rows = _pack(order.tolist(), lengths, self.context, True)
-            else:
+            elif self.group_by_length:
                 rows = _length_grouped(order, lengths, self.global_batch, derived_seed(self.seed, epoch, 0x6B0))
+            else:
+                rows = [(i,) for i in order.tolist()]
             self._epochs[epoch] = rows
             for old in [e for e in self._epochs if e < epoch - 1]:
                 del self._epochs[old]
@@ -167,7 +170,7 @@ def load_sft(cfg: Config, tokenizer, template, context: int, global_batch: int) 
     files = [*cfg.data.inputs, *([s.validation] if s.validation else [])]
     shape = json.dumps([[sha256_file(Path(p)) for p in files], _shaping(cfg), template.source if template else None,
                         len(tokenizer), cfg.data.val_fraction])
-    data = SftData(train, val, context, s.packing, cfg.run.seed, global_batch)
+    data = SftData(train, val, context, s.packing, cfg.run.seed, global_batch, s.group_by_length)
     stats = encoder.stats.as_dict()
     log.info("sft: %d training and %d validation examples (%s tokens), %s, %d rows per epoch", len(train), len(val),
              f"{stats['tokens']:,}", "packed" if s.packing else "one per row", data.train_items)

@@ -166,13 +166,20 @@ def test_packed_rows_give_every_example_its_unpacked_loss(which, byte_tok, tiny_
         single = collate([[pairs[1]]], torch.device("cpu"))
         inner = model
         if which == "gpt2-lean":
-            from llmctl.core.fastgpt import lean_gpt2_hidden, packed_mask
+            from llmctl.core.fastgpt import lean_gpt2_hidden
 
-            row = lean_gpt2_hidden(model, packed["input_ids"], packed["position_ids"],
-                                   packed_mask(packed["position_ids"]))[0]
+            row = lean_gpt2_hidden(model, packed["input_ids"], packed["position_ids"])[0]
             own = lean_gpt2_hidden(model, single["input_ids"])[0]
         else:
-            row = inner(input_ids=packed["input_ids"], position_ids=packed["position_ids"], use_cache=False).logits[0]
+            from llmctl.core.packing import attention_for
+
+            with attention_for(inner, packed=True):
+                row = inner(input_ids=packed["input_ids"], position_ids=packed["position_ids"],
+                            use_cache=False).logits[0]
+            # and transformers' own packed-sequence mask agrees
+            own_mask = inner(input_ids=packed["input_ids"], position_ids=packed["position_ids"],
+                             use_cache=False).logits[0]
+            torch.testing.assert_close(row, own_mask, rtol=0, atol=1e-5)
             own = inner(input_ids=single["input_ids"]).logits[0]
     n0, n1 = len(pairs[0][0]), len(pairs[1][0])
     torch.testing.assert_close(row[n0 : n0 + n1], own, rtol=0, atol=1e-5)
