@@ -105,9 +105,40 @@ def test_the_readme_is_a_front_page_with_the_two_setup_commands():
         assert f"docs/{page}.md" in text, page
 
 
+def key_table() -> str:
+    """docs/config.md's "Every key" section, from the schema: `python -m tests.test_docs` rewrites it."""
+    import dataclasses
+    import json
+
+    from llmctl.config import Config, field_docs
+
+    defaults = Config()
+    out = ["## Every key\n", "Generated from the docstrings in `llmctl/config.py` (`llmctl train --print-config` "
+           "prints the resolved values).\n"]
+    for name, cls in SECTIONS.items():
+        docs = field_docs(cls)
+        out.append(f"\n### `{name}`\n\n| key | default | meaning |\n|---|---|---|")
+        for f in dataclasses.fields(cls):
+            value = getattr(getattr(defaults, name), f.name)
+            shown = value if isinstance(value, str) else json.dumps(value)
+            out.append(f"| `{name}.{f.name}` | `{shown}` | {docs.get(f.name, '').replace('|', chr(92) + '|')} |")
+    return "\n".join(out) + "\n"
+
+
+def test_the_config_page_lists_every_key_as_the_schema_documents_it():
+    text = (REPO / "docs" / "config.md").read_text()
+    assert text[text.index("## Every key"):] == key_table(), "docs/config.md is stale: run python -m tests.test_docs"
+
+
 def test_the_checkers_catch_what_they_should():
     assert KEY.findall("`train.max_step` and runs/x/train.bin and `model.safetensors`") == [
         ("train", "max_step", ""), ("model", "safetensors", "")]
     assert _shown_commands("```sh\nllmctl train --no-such-flag\n```\nand `llmctl eval -i x` and `llmctl ... | head`") \
         == ["llmctl train --no-such-flag", "llmctl eval -i x"]
     assert check("llmctl train --no-such-flag") is not None
+
+
+if __name__ == "__main__":
+    page = REPO / "docs" / "config.md"
+    text = page.read_text()
+    page.write_text(text[: text.index("## Every key")] + key_table())
