@@ -19,7 +19,16 @@ from typing import Annotated, Any
 import typer
 
 from llmctl import __version__
-from llmctl.errors import EXIT_ERROR, EXIT_GATE_FAILED, EXIT_OK, EXIT_USAGE, LlmctlError
+from llmctl.errors import (
+    EXIT_ERROR,
+    EXIT_GATE_FAILED,
+    EXIT_OK,
+    EXIT_TERMINATED,
+    EXIT_USAGE,
+    LlmctlError,
+    OutputError,
+    Terminated,
+)
 
 app = typer.Typer(
     name="llmctl",
@@ -118,6 +127,11 @@ def _load(
     from llmctl.core.console import setup_logging
 
     setup_logging(quiet=quiet, verbose=verbose)
+    for override in sets or []:  # malformed flag values are usage errors (exit 2), as Click's own are
+        key, sep, _ = override.partition("=")
+        if not sep or "." not in key or not all(part.strip() for part in key.split(".")):
+            raise typer.BadParameter(f"{override!r}: expected section.key=value, for example train.max_steps=100",
+                                     param_hint="--set")
     cfg = load_config(config, sets or [], {k: v for k, v in values.items() if v is not None})
     if print_config:
         _write(cfg.to_yaml())
@@ -130,11 +144,19 @@ def _stdout_guard():
     """A reader that goes away (`| head -1`) is not an error for a filter: exit 0 quietly. Handled here because
     Typer turns a broken pipe into exit 1 before main() could see it; stdout then points at /dev/null so the
     interpreter's final flush stays quiet."""
+    if sys.stdout is None:  # started with stdout closed (`>&-`)
+        raise OutputError("cannot write to stdout: it is closed; redirect it to a file or /dev/null instead")
     try:
         yield
     except BrokenPipeError:
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         raise typer.Exit(EXIT_OK) from None
+    except OSError as exc:  # a full disk, a closed descriptor: what is buffered can never be written
+        from llmctl.core.faults import reason
+
+        with contextlib.suppress(OSError):
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        raise OutputError(f"cannot write to stdout: {reason(exc)}") from None
 
 
 def _write(text: str) -> None:
@@ -149,12 +171,10 @@ def _write_json(obj: Any) -> None:
 
 def _write_stream(chunks: Iterable[str | dict]) -> None:
     """Write text chunks as they come (flushing each, so pipes see output before input ends); dicts as JSONL."""
-    with _stdout_guard():
-        for chunk in chunks:
-            if isinstance(chunk, dict):
-                chunk = json.dumps(chunk, ensure_ascii=False) + "\n"
-            sys.stdout.write(chunk)
-            sys.stdout.flush()
+    for chunk in chunks:  # guarded per write: an error of the producer is its own, not stdout's
+        if isinstance(chunk, dict):
+            chunk = json.dumps(chunk, ensure_ascii=False) + "\n"
+        _write(chunk)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -186,6 +206,9 @@ def preprocess(
 
     INPUT: files (text, JSONL, Parquet, CSV/TSV), directories, save_to_disk datasets, hf:NAME[:CONFIG][@SPLIT]
     or - (stdin); default: data.inputs, else stdin."""
+    if to_text and out is not None:
+        raise typer.BadParameter("--to-text writes the cleaned text to stdout; redirect it (> FILE) instead",
+                                 param_hint="--out")
     cfg = _load(config, set_, {"data.inputs": inputs or None, "data.dir": out}, print_config, quiet, verbose)
     from llmctl import preprocess as command
 
@@ -452,7 +475,7 @@ def eval_(
         from llmctl.core.console import stderr_console
 
         stderr_console().print(command.summary(result))
-    if json_ or not sys.stdout.isatty():
+    if json_ or sys.stdout is None or not sys.stdout.isatty():
         _write_json(result)
     failed = result["gates"]["failed"]
     if failed:
@@ -469,6 +492,7 @@ def main(argv: list[str] | None = None) -> int:
     args = sys.argv[1:] if argv is None else list(argv)
     debug = os.environ.get("LLMCTL_DEBUG", "") not in ("", "0")
     command = typer.main.get_command(app)
+    _terminate_as_exception()
     # Typer itself turns typer.Exit into the returned code, Ctrl-C into 130 and a broken pipe into 1 (which
     # _stdout_guard pre-empts where we write), so those never reach the handlers below.
     try:
@@ -491,11 +515,41 @@ def main(argv: list[str] | None = None) -> int:
     except typer.Abort:  # end of input at a prompt
         _error("interrupted")
         return 130
+    except Terminated:
+        _error("terminated by SIGTERM; temporary files were removed and earlier outputs are unchanged")
+        return EXIT_TERMINATED
+    except OSError as exc:  # one no reader or writer mapped: still one line that names the file
+        if debug:
+            raise
+        from llmctl.core.faults import os_error_message
+
+        _error(os_error_message(exc))
+        return EXIT_ERROR
     except MemoryError:
         if debug:
             raise
         _error("out of memory; try a smaller batch size (and more gradient accumulation) or a smaller model")
         return EXIT_ERROR
+
+
+_MAIN_PID: list[int] = []
+
+
+def _terminate_as_exception() -> None:
+    """SIGTERM raises Terminated in the main thread, so that temporary files are removed as on Ctrl-C (training
+    installs its own handler: finish the step, save, exit 75). A forked worker that inherited the handler dies as
+    the default action would."""
+    import signal
+
+    _MAIN_PID[:] = [os.getpid()]
+
+    def handler(signum, frame):
+        if os.getpid() != _MAIN_PID[0]:
+            os._exit(128 + signum)
+        raise Terminated()
+
+    with contextlib.suppress(ValueError):  # not the main thread (main() called from a library's thread)
+        signal.signal(signal.SIGTERM, handler)
 
 
 def _error(message: str) -> None:

@@ -25,6 +25,42 @@ import yaml
 from llmctl.errors import ConfigError
 
 # ---------------------------------------------------------------------------------------------------------------
+# Ranges shared by several sections (and by generate's per-line JSONL settings)
+
+MAX_SEED = 2**64 - 1
+"""torch.manual_seed accepts seeds up to this."""
+MAX_TEMPERATURE = 100.0
+"""Far past the point where sampling is uniform; a larger value is a typo, not a setting."""
+MAX_REPETITION_PENALTY = 100.0
+
+ACTIVATIONS = (
+    "gelu", "gelu_10", "gelu_accurate", "gelu_fast", "gelu_new", "gelu_python", "gelu_python_tanh",
+    "gelu_pytorch_tanh", "hardswish", "laplace", "leaky_relu", "linear", "mish", "prelu", "quick_gelu", "relu",
+    "relu2", "relu6", "sigmoid", "silu", "swish", "tanh",
+)
+"""transformers' ACT2FN names (5.x), so that checking a config needs no import of transformers; a name outside
+this list is looked up in ACT2FN itself before it is refused."""
+
+
+ATTENTION_KERNELS = ("sdpa", "eager", "flash_attention_2", "flash_attention_3", "flex_attention")
+"""The attention kernels transformers' attn_implementation takes (the last three need a GPU and their package)."""
+
+
+def seed_problems(key: str, seed: int | None) -> list[str]:
+    if seed is not None and not 0 <= seed <= MAX_SEED:
+        return [f"{key}: {seed} is outside the seeds torch accepts (0 to 2**64 - 1)"]
+    return []
+
+
+def _known_activation(name: str) -> bool:
+    if name in ACTIVATIONS:
+        return True
+    from transformers.activations import ACT2FN
+
+    return name in ACT2FN
+
+
+# ---------------------------------------------------------------------------------------------------------------
 # Sections
 
 
@@ -48,6 +84,7 @@ class RunConfig:
             problems.append(f"device: must be auto, cpu, cuda, cuda:N or mps, not {self.device!r}")
         if self.threads < 0:
             problems.append("threads: must be 0 (torch's default) or a positive count")
+        problems += seed_problems("seed", self.seed)
         return problems
 
 
@@ -206,6 +243,13 @@ class ModelConfig:
             problems.append(f"n_embd: {self.n_embd} is not a multiple of n_head ({self.n_head})")
         if not 0.0 <= self.dropout < 1.0:
             problems.append("dropout: must be at least 0 and below 1")
+        if not _known_activation(self.activation):
+            close = difflib.get_close_matches(self.activation, ACTIVATIONS, n=1, cutoff=0.6)
+            hint = f"did you mean {close[0]}?" if close else f"expected one of {', '.join(ACTIVATIONS)}"
+            problems.append(f"activation: unknown activation {self.activation!r}; {hint}")
+        if self.attn_implementation not in ATTENTION_KERNELS:
+            problems.append(f"attn_implementation: must be one of {', '.join(ATTENTION_KERNELS)}, not "
+                            f"{self.attn_implementation!r}")
         return problems
 
 
@@ -237,12 +281,26 @@ class OptimConfig:
 
     def check(self) -> list[str]:
         problems = []
-        if self.lr <= 0:
-            problems.append("lr: must be positive")
-        if self.min_lr < 0 or self.min_lr > self.lr:
+        if not 0 < self.lr <= 1:
+            problems.append("lr: must be above 0 and at most 1")
+        if 0 < self.lr and (self.min_lr < 0 or self.min_lr > self.lr):
             problems.append("min_lr: must be between 0 and lr")
         if self.weight_decay < 0:
             problems.append("weight_decay: must be 0 or more")
+        # Decoupled decay multiplies the weights by (1 - lr x weight_decay) each step: at 1 or more they flip sign
+        # or vanish, and the loss becomes NaN a few steps later.
+        rates = [("lr", self.lr)] + ([("muon_lr", self.muon_lr)] if self.name == "muon" else [])
+        for key, rate in rates:
+            if self.weight_decay > 0 and rate * self.weight_decay >= 1:
+                problems.append(
+                    f"weight_decay: {self.weight_decay:g} x {key} {rate:g} = {rate * self.weight_decay:g}; each step "
+                    f"scales the weights by 1 - {key} x weight_decay, so the product must stay well below 1 "
+                    f"(typical weight_decay: 0 to 0.1)"
+                )
+        if not 0 < self.eps <= 1:
+            problems.append("eps: must be above 0 and at most 1 (typical: 1e-8)")
+        if not 0 < self.muon_lr <= 1:
+            problems.append("muon_lr: must be above 0 and at most 1 (typical: 0.02)")
         for name in ("beta1", "beta2"):
             if not 0.0 <= getattr(self, name) < 1.0:
                 problems.append(f"{name}: must be at least 0 and below 1")
@@ -440,13 +498,14 @@ class GenerateConfig:
             problems.append("top_k: must be 0 (off) or more")
         if not 0.0 < self.top_p <= 1.0:
             problems.append("top_p: must be above 0 and at most 1")
-        if self.repetition_penalty <= 0:
-            problems.append("repetition_penalty: must be positive")
+        if self.temperature > MAX_TEMPERATURE:
+            problems.append(f"temperature: must be at most {MAX_TEMPERATURE:g}")
+        if not 0 < self.repetition_penalty <= MAX_REPETITION_PENALTY:
+            problems.append(f"repetition_penalty: must be above 0 and at most {MAX_REPETITION_PENALTY:g} (1 is off)")
         for name in ("num_return_sequences", "batch_size"):
             if getattr(self, name) <= 0:
                 problems.append(f"{name}: must be positive")
-        if self.seed is not None and self.seed < 0:
-            problems.append("seed: must be 0 or more")
+        problems += seed_problems("seed", self.seed)
         if any(not s for s in self.stop):
             problems.append("stop: stop strings must not be empty")
         return problems
@@ -533,6 +592,9 @@ class EvalConfig:
         if (self.predictions is None) != (self.references is None):
             missing = "references" if self.references is None else "predictions"
             problems.append(f"{missing}: predictions and references go together (--predictions with --references)")
+        if self.predictions is not None and self.model is not None:
+            problems.append("model: prediction files are scored without a model; drop --model (eval.model) or "
+                            "--predictions/--references")
         if self.predictions is not None and self.task in ("lm", "zero_shot"):
             problems.append(f"task: prediction files are scored as classification, not {self.task}")
         if "{text}" not in self.prompt_template:
@@ -642,17 +704,26 @@ def field_docs(section: type) -> dict[str, str]:
     return docs
 
 
+MAX_CONFIG_BYTES = 1 << 20
+"""A config file larger than this is not a config (a device such as /dev/zero, a data file passed by mistake)."""
+
+
 def _read_yaml(path: Path) -> dict[str, Any]:
+    from llmctl.core.faults import reading
+
+    if path.is_dir():
+        raise ConfigError(f"config file {path} is a directory")
+    if not path.exists():
+        raise ConfigError(f"config file {path} does not exist")
+    with reading(path, ConfigError, "cannot read config file"), open(path, "rb") as f:
+        data = f.read(MAX_CONFIG_BYTES + 1)
+    if len(data) > MAX_CONFIG_BYTES:
+        raise ConfigError(f"config file {path} is larger than {MAX_CONFIG_BYTES >> 20} MiB (stopped after reading "
+                          f"{MAX_CONFIG_BYTES >> 20} MiB); is it really a YAML config?")
+    with reading(path, ConfigError, "cannot read config file"):
+        text = data.decode("utf-8")
     try:
-        text = path.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise ConfigError(f"config file {path} does not exist") from None
-    except IsADirectoryError:
-        raise ConfigError(f"config file {path} is a directory") from None
-    except (OSError, UnicodeDecodeError) as exc:
-        raise ConfigError(f"cannot read config file {path}: {exc}") from None
-    try:
-        raw = yaml.safe_load(text)
+        raw = yaml.load(text, Loader=_UniqueKeyLoader)
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" line {mark.line + 1}" if mark is not None else ""
@@ -663,6 +734,26 @@ def _read_yaml(path: Path) -> dict[str, Any]:
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: the top level must be a mapping of sections (run:, data:, train:, ...)")
     return raw
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """yaml.safe_load, except that a key given twice in one mapping (a second `train:` section) is an error instead
+    of silently replacing the first."""
+
+    def construct_mapping(self, node, deep=False):
+        seen: dict[Any, int] = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            try:
+                first = seen.get(key)
+            except TypeError:  # an unhashable key: the base class reports it
+                break
+            if first is not None:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"duplicate key {key!r} (first given on line {first + 1})", key_node.start_mark
+                )
+            seen[key] = key_node.start_mark.line
+        return super().construct_mapping(node, deep=deep)
 
 
 def _apply_override(raw: dict[str, Any], override: str) -> list[str]:
@@ -738,7 +829,9 @@ def _build_section(name: str, cls: type, values: dict[str, Any]) -> tuple[Any, l
             problems.append(_unknown(str(key), list(hints), prefix=f"{name}."))
             continue
         converted, error = _convert(value, hints[key])
-        if error:
+        if error and isinstance(value, dict) and typing.get_origin(_strip_optional(hints[key])) is dict:
+            problems.append(f"{name}.{key}.{error}")  # the error starts with the sub-key: eval.fail_under.accuracy
+        elif error:
             problems.append(f"{name}.{key}: {error}")
         else:
             kwargs[key] = converted
@@ -859,6 +952,8 @@ def _convert(value: Any, hint: Any) -> tuple[Any, str | None]:
         if isinstance(value, bool):
             return None, f"expected a number, got {_describe(value)}"
         number = _as_number(value)
+        if number is not None and not math.isfinite(number):
+            return None, f"must be a finite number, not {value}"
         if number is not None:
             return float(number), None
         return None, f"expected a number, got {_describe(value)}"

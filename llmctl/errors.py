@@ -12,6 +12,7 @@ EXIT_ERROR = 1  # runtime, data, config, model or checkpoint problem
 EXIT_USAGE = 2  # bad command line (unknown flag, missing argument): Click's own convention
 EXIT_GATE_FAILED = 3  # `llmctl eval` ran fine but a --fail-under/--fail-over gate failed: "the model regressed"
 EXIT_INTERRUPTED = 75  # SIGINT/SIGTERM during training: a checkpoint was saved, rerun with --resume (EX_TEMPFAIL)
+EXIT_TERMINATED = 143  # SIGTERM outside training: 128 + 15, as a shell reports a process the signal killed
 
 
 def first_line(exc: BaseException) -> str:
@@ -56,7 +57,17 @@ class TrainingError(LlmctlError):
     """Training cannot start or go on: the run directory holds another run, the loss diverged, memory ran out."""
 
 
+class OutputError(LlmctlError):
+    """An output (stdout, a file, a checkpoint, a run or data directory) cannot be written: a full disk, no
+    permission, a path that is or lies under a file. Messages name the path; earlier outputs stay whole."""
+
+
 class Interrupted(LlmctlError):
     """A run stopped on SIGINT/SIGTERM after saving a checkpoint; it can be resumed."""
 
     exit_code = EXIT_INTERRUPTED
+
+
+class Terminated(BaseException):
+    """SIGTERM outside training: raised in the main thread so that cleanup (`finally`, temporary directories) runs
+    as on Ctrl-C. A BaseException, like KeyboardInterrupt, so that no `except LlmctlError` swallows it."""

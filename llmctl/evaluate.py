@@ -271,7 +271,7 @@ def _text_stream(cfg: Config, path: str, name: str) -> _Stream:
     """A text file (one document) or a record input (JSONL, Parquet, CSV, dataset: one document per record, in
     data.text_field), tokenized with the model's tokenizer. Documents are joined by the end-of-text token, as
     preprocess joins them in the shards."""
-    from llmctl.core.inputs import display_name, input_format, iter_jsonl, read_text
+    from llmctl.core.inputs import MAX_TEXT_BYTES, display_name, input_format, iter_jsonl, read_text
     from llmctl.core.model import load_tokenizer
     from llmctl.core.records import iter_texts, record_format
 
@@ -283,12 +283,12 @@ def _text_stream(cfg: Config, path: str, name: str) -> _Stream:
     elif input_format(path, cfg.data.format) == "jsonl":
         field = cfg.data.text_field
         documents = []
-        for number, obj in iter_jsonl(path):
+        for number, obj in iter_jsonl(path, max_total=MAX_TEXT_BYTES):
             if not isinstance(obj, dict) or not isinstance(obj.get(field), str):
                 raise DataError(f"{source}:{number}: expected a JSON object with a string {field!r} field")
             documents.append(obj[field])
     else:
-        documents = [read_text(path)]
+        documents = [read_text(path, MAX_TEXT_BYTES, _BIG_TEXT_ADVICE)]
     documents = [d for d in documents if d.strip()]
     if not documents:
         raise DataError(f"{source}: no text to score (the input is empty)")
@@ -309,9 +309,17 @@ def _text_stream(cfg: Config, path: str, name: str) -> _Stream:
     return _Stream(ids, n_bytes, bos if bos is not None else eos, source)
 
 
+_BIG_TEXT_ADVICE = (
+    "to score more text, prepare it (llmctl preprocess FILE -o DIR --set tokenizer.pretrained=MODEL) and pass the "
+    "directory as --input: its shards are read memory-mapped"
+)
+
+
 def _encode(tokenizer, text: str | list[str]) -> list[int] | list[list[int]]:
     """Token ids of a text (or of each of a list of texts), without special tokens: the caller places those."""
-    return tokenizer(text, add_special_tokens=False, return_attention_mask=False)["input_ids"]
+    # split_special_tokens: a literal "<|endoftext|>" in the text is text, as preprocess and generate read it.
+    out = tokenizer(text, add_special_tokens=False, return_attention_mask=False, split_special_tokens=True)
+    return out["input_ids"]
 
 
 def _decoded_bytes(tokenizer, ids) -> int:
@@ -364,7 +372,7 @@ def _eval_head(cfg: Config, name: str, device: torch.device, dtype: torch.dtype,
     max_length = ec.context or max_positions(model) or MAX_DEFAULT_CONTEXT
     # Special tokens as the tokenizer adds them (none for GPT-2; [CLS]/[SEP] for BERT-style classifiers).
     inputs = tokenizer([ex.text for ex in examples], truncation=True, max_length=max_length,
-                       return_attention_mask=False)["input_ids"]
+                       return_attention_mask=False, split_special_tokens=True)["input_ids"]
     for ex, ids in zip(examples, inputs):
         if not ids:
             raise DataError(f"{source}:{ex.line}: empty text")
@@ -539,10 +547,10 @@ def _read_label_file(path: str, fields: Sequence[str], id_field: str | None) -> 
     """Labels, one per line, or JSONL objects (when the first non-blank line starts with `{`) holding the label in
     the first of `fields` present. Blank lines at the end are ignored; elsewhere they are errors, as they would shift
     every match by position."""
-    from llmctl.core.inputs import display_name, iter_lines, parse_json_object
+    from llmctl.core.inputs import MAX_LINES_BYTES, display_name, iter_lines, parse_json_object
 
     name = display_name(path)
-    lines = list(iter_lines(path))
+    lines = list(iter_lines(path, max_total=MAX_LINES_BYTES))
     while lines and not lines[-1][1].strip():
         lines.pop()
     if not lines:

@@ -12,6 +12,7 @@ import difflib
 import hashlib
 import json
 import logging
+import math
 import queue
 import sys
 import threading
@@ -112,7 +113,7 @@ def derive_seed(seed: int, key: object) -> int:
 def _read_prompts(g: GenerateConfig, stats: _Stats, quiet: bool) -> Iterable[Prompt]:
     if g.prompts:
         return _from_list(g.prompts, stats)
-    if g.input == "-" and sys.stdin.isatty() and not quiet:
+    if g.input == "-" and sys.stdin is not None and sys.stdin.isatty() and not quiet:
         end = "Ctrl-D" if sys.platform != "win32" else "Ctrl-Z, Enter"
         log.info("reading prompts from the terminal, %s; end with %s",
                  "one per line" if g.input_format != "text" else "all of it as one prompt", end)
@@ -146,9 +147,9 @@ def _from_list(prompts: list[str], stats: _Stats) -> Iterator[Prompt]:
 
 
 def _from_text(path: str, stats: _Stats) -> Iterator[Prompt]:
-    from llmctl.core.inputs import read_text
+    from llmctl.core.inputs import MAX_PROMPT_BYTES, read_text
 
-    text = read_text(path)
+    text = read_text(path, MAX_PROMPT_BYTES, "a prompt this long cannot fit any model's context; cut it first")
     if not text.strip():
         stats.empty += 1
         return
@@ -158,18 +159,18 @@ def _from_text(path: str, stats: _Stats) -> Iterator[Prompt]:
 
 def _from_lines(g: GenerateConfig, stats: _Stats) -> Iterator[Prompt]:
     """Prompts from a stream of lines (plain or JSONL), skipping empty lines and, with on_error skip, bad ones."""
-    from llmctl.core.inputs import display_name, iter_lines
+    from llmctl.core.inputs import MAX_PROMPT_BYTES, display_name, iter_lines
 
     name = display_name(g.input)
     position = 0
-    for number, line in iter_lines(g.input, on_error=g.on_error, skipped=stats.malformed):
+    for number, line in iter_lines(g.input, on_error=g.on_error, skipped=stats.malformed, max_line=MAX_PROMPT_BYTES):
         if not line.strip():
             stats.empty += 1
             continue
         text, ident, overrides = line, None, {}
         if g.input_format == "jsonl":
             try:
-                text, ident, overrides = _parse_jsonl(line, f"{name}:{number}", g.chat)
+                text, ident, overrides = _parse_jsonl(line, f"{name}:{number}", g.chat, g)
             except DataError:
                 if g.on_error != "skip":
                     raise
@@ -180,9 +181,11 @@ def _from_lines(g: GenerateConfig, stats: _Stats) -> Iterator[Prompt]:
         position += 1
 
 
-def _parse_jsonl(line: str, where: str, chat: bool = False) -> tuple[Any, str | int | None, dict[str, Any]]:
+def _parse_jsonl(
+    line: str, where: str, chat: bool = False, g: GenerateConfig | None = None
+) -> tuple[Any, str | int | None, dict[str, Any]]:
     """(prompt or messages, id, sampling overrides) from one JSONL line; a DataError naming the line if anything is
-    off."""
+    off. With `g`, the sampling overrides must also pass the config's own range checks."""
     obj = parse_json_object(line, where)
     if "messages" in obj:
         if not chat:
@@ -213,13 +216,19 @@ def _parse_jsonl(line: str, where: str, chat: bool = False) -> tuple[Any, str | 
         if problem:
             raise DataError(f"{where}: \"{key}\" {problem}, not {json.dumps(value)}")
         overrides[key] = value
+    if g is not None:  # the ranges of the config's own check, so that a line cannot do what --set may not
+        ranged = {k: v for k, v in overrides.items() if k != "stop"}
+        for problem in replace(g, **ranged).check():
+            key, _, rest = problem.partition(": ")
+            if key in ranged:
+                raise DataError(f"{where}: \"{key}\" {rest}, not {json.dumps(ranged[key])}")
     return text, ident, overrides
 
 
 def _check_override(key: str, value: Any) -> str | None:
     """Why `value` is not valid for the per-line setting `key`, or None."""
-    number = isinstance(value, (int, float)) and not isinstance(value, bool)
     integer = isinstance(value, int) and not isinstance(value, bool)
+    number = integer or isinstance(value, float) and math.isfinite(value)  # JSON readers accept NaN and Infinity
     if key == "max_new_tokens" and not (integer and value > 0):
         return "must be a positive integer"
     if key == "temperature" and not (number and value >= 0):
@@ -330,7 +339,8 @@ def _requests(batch: list[Prompt], g: GenerateConfig, seed: int, tokenizer, deco
     if chat is not None:
         encoded = chat.encode([p.text for p in batch])
     else:
-        encoded = tokenizer([p.text for p in batch])["input_ids"]
+        # Text is text: a literal "<|endoftext|>" in a prompt is those characters, as preprocess reads a corpus.
+        encoded = tokenizer([p.text for p in batch], split_special_tokens=True)["input_ids"]
     requests, meta = [], []
     for prompt, ids in zip(batch, encoded):
         overrides = dict(prompt.overrides)

@@ -8,6 +8,7 @@ data hash, anything the caller adds). It is written into a temporary directory a
 from __future__ import annotations
 
 import json
+import pickle
 import shutil
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -20,6 +21,7 @@ from safetensors.torch import load_file, save_file
 from safetensors.torch import load_model as load_safetensors_model
 from safetensors.torch import save_model as save_safetensors_model
 
+from llmctl.core.faults import writing
 from llmctl.core.files import atomic_dir
 from llmctl.errors import CheckpointError, first_line
 
@@ -49,10 +51,12 @@ def save_checkpoint_state(
 
 def _write(path: Path, write_weights: Callable[[Path], None], state: dict[str, Any], meta: dict[str, Any]) -> Path:
     path = Path(path)
-    with atomic_dir(path) as tmp:
-        write_weights(tmp / WEIGHTS)
-        torch.save(state, tmp / STATE)
-        (tmp / META).write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
+    # A failure (a full disk) leaves nothing behind but the earlier checkpoints, which stay whole.
+    with writing(path, what="cannot save checkpoint", hint="; the earlier checkpoints are intact"):
+        with atomic_dir(path) as tmp:
+            write_weights(tmp / WEIGHTS)
+            torch.save(state, tmp / STATE)
+            (tmp / META).write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
     return path
 
 
@@ -91,6 +95,7 @@ def load_checkpoint(path: Path, model: torch.nn.Module, map_location: str | torc
     """Load weights into `model` (strictly: every tensor must match) and return (state, meta)."""
     path = Path(path)
     meta = read_meta(path)
+    check_shapes(path, model)
     with _reading_weights(path):
         missing, unexpected = load_safetensors_model(model, str(path / WEIGHTS), strict=False, device=str(map_location))
     if missing or unexpected:
@@ -99,6 +104,25 @@ def load_checkpoint(path: Path, model: torch.nn.Module, map_location: str | torc
             f"{sorted(unexpected)[:3]}); was it written for another model shape?"
         )
     return _load_state(path, map_location), meta
+
+
+def check_shapes(path: Path, model: torch.nn.Module) -> None:
+    """A checkpoint written for another model shape is said to be so, naming a tensor and both shapes (loading it
+    would fail with a size-mismatch report that reads like corruption)."""
+    from llmctl.core.weights import read_header, shape_mismatch
+
+    if not (path / WEIGHTS).is_file():
+        return  # _reading_weights reports it
+    shapes = read_header(path / WEIGHTS, str(path), CheckpointError, f"checkpoint {path} is corrupted")
+    expected = {key: tuple(t.shape) for key, t in model.state_dict().items()}
+    mismatch = shape_mismatch(shapes, expected, prefixes=())
+    if mismatch:
+        key, there, here = mismatch
+        raise CheckpointError(
+            f"checkpoint {path} was written for another model shape: tensor {key} is {list(there)} there but "
+            f"{list(here)} in the model this config builds. Resume with the model settings it was written with "
+            "(its meta.json holds them under identity.model), or start a new run by setting run.out_dir."
+        )
 
 
 @contextmanager
@@ -118,6 +142,12 @@ def _load_state(path: Path, map_location: str | torch.device) -> dict[str, Any]:
         return torch.load(path / STATE, map_location=map_location, weights_only=True)
     except FileNotFoundError:
         raise CheckpointError(f"checkpoint {path} is incomplete: {STATE} is missing") from None
+    except pickle.UnpicklingError:  # torch's message would invite a retry with weights_only=False: never
+        raise CheckpointError(
+            f"checkpoint {path} is refused: {STATE} holds pickled Python objects other than tensors and plain "
+            "values, which llmctl never loads (they could run code), so llmctl did not write it; resume from "
+            "another checkpoint or start a new run (set run.out_dir)"
+        ) from None
     except Exception as exc:  # torch.load raises many types on a truncated or foreign file
         raise CheckpointError(f"checkpoint {path} is corrupted: {STATE}: {first_line(exc)}") from None
 

@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import torch
+from safetensors import SafetensorError
 
 from llmctl.core.hub import locate
 from llmctl.errors import ModelError, first_line
@@ -96,21 +97,27 @@ def load_model(
     """Load a causal LM (`task="causal_lm"`) or sequence classifier (`task="classification"`) by directory or id."""
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
+    from llmctl.core import weights
+
     source = locate(str(name), "model")
     cls = AutoModelForSequenceClassification if task == "classification" else AutoModelForCausalLM
+    weights.check_model_dir(weights.model_dir(source.ref, source.local), str(name), cls, kwargs, trust_remote_code)
     try:
-        return cls.from_pretrained(
+        model, info = cls.from_pretrained(
             source.ref,
             local_files_only=source.local_files_only,
             trust_remote_code=trust_remote_code,
             dtype=dtype,
+            output_loading_info=True,
             **kwargs,
         )
-    except (ValueError, OSError, RuntimeError, KeyError) as exc:
+    except (ValueError, OSError, RuntimeError, KeyError, SafetensorError) as exc:
         message = first_line(exc)
         if isinstance(exc, ValueError) and "trust_remote_code" in str(exc):
             message = "it ships its own code; set run.trust_remote_code: true if you trust it"
         raise ModelError(f"cannot load model {name}: {message}") from None
+    weights.check_loaded(model, info, str(name), task)
+    return model
 
 
 def load_tokenizer(name: str | Path, *, trust_remote_code: bool = False) -> PreTrainedTokenizerBase:

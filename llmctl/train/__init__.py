@@ -64,6 +64,7 @@ from llmctl.train.rundir import (
     decide_start,
     export,
     load_checkpoint,
+    mark_stopped,
     plot_loss,
     read_jsonl,
     read_run_file,
@@ -76,6 +77,7 @@ from llmctl.train.sft import SftData
 from llmctl.train.step import (
     StopSignal,
     all_reduce,
+    divergence_advice,
     estimate_loss,
     is_oom,
     oom_message,
@@ -137,7 +139,7 @@ def _train(cfg: Config, dist: Dist, device: torch.device, *, force: bool, quiet:
 
         def encode(rows):
             # The tokenizer's own special tokens, as eval encodes them ([CLS]/[SEP] for BERT-style backbones).
-            ids = tokenizer([e.text for e in rows], truncation=True, max_length=limit)
+            ids = tokenizer([e.text for e in rows], truncation=True, max_length=limit, split_special_tokens=True)
             return [r or [tokenizer.pad_token_id] for r in ids["input_ids"]], [label_id[e.label] for e in rows]
 
         data = LabeledData(*encode(train_ex), *encode(val_ex), labels, tokenizer.pad_token_id, cfg.run.seed)
@@ -247,14 +249,17 @@ def _train(cfg: Config, dist: Dist, device: torch.device, *, force: bool, quiet:
         )
         try:
             result = _loop(ctx, data, dtype, context, global_batch, per_step, quiet, metrics, limit_name)
+            # the end: final checkpoint (unless resumed at the end already), export
+            if resume_from is None or result["steps_run"]:
+                save_checkpoint(ctx, counters["step"], result["final"])
+            export(ctx)
+        except BaseException as exc:
+            if dist.is_main:
+                mark_stopped(out_dir, exc, counters["step"])
+            raise
         finally:
             metrics.close()
         stopped_by = result.pop("stopped_by")
-
-        # the end: final checkpoint (unless resumed at the end already), export, picture, summary
-        if resume_from is None or result["steps_run"]:
-            save_checkpoint(ctx, counters["step"], result["final"])
-        export(ctx)
         summary = {
             "model_path": str(out_dir),
             "task": t.task,
@@ -369,7 +374,9 @@ def _loop(ctx: Run, data, dtype, context: int, global_batch: int, per_step: int,
                 what, value = ("loss", loss_value) if not math.isfinite(loss_value) else ("gradient norm", norm_value)
                 raise TrainingError(
                     f"the {what} became {value} at step {step + 1} (lr {lr:.3g}); stopped before the update. "
-                    f"Lower optim.lr or raise optim.warmup_steps; the last good checkpoint is {last or 'not saved yet'}"
+                    f"{divergence_advice(cfg.optim, lr)}; then rerun to start over"
+                    + (f", or add --resume --force to continue from {last}" if last else
+                       " (no checkpoint was saved yet)")
                 )
             optimizer_step(ctx.optimizer, ctx.scaler)
             step += 1

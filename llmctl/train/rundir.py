@@ -25,8 +25,9 @@ from llmctl.core.device import (
     rng_state,
     set_rng_state,
 )
-from llmctl.core.files import atomic_write_text
-from llmctl.errors import CheckpointError, TrainingError
+from llmctl.core.faults import reading, writing
+from llmctl.core.files import atomic_write_text, check_writable_parent
+from llmctl.errors import CheckpointError, Interrupted, OutputError, TrainingError, first_line
 from llmctl.train.step import barrier
 
 log = logging.getLogger(__name__)
@@ -78,6 +79,20 @@ def write_run_file(out_dir: Path, status: dict[str, Any]) -> None:
     atomic_write_text(out_dir / RUN_FILE, json.dumps(status, indent=2) + "\n")
 
 
+def mark_stopped(out_dir: Path, exc: BaseException, step: int) -> None:
+    """Record in run.json why the run stopped (`interrupted` or `failed`, with the error's first line), so that the
+    next `train` in the same place knows it is not running and what to do with it."""
+    status = read_run_file(out_dir)
+    if status is None or status.get("status") not in ("running", "interrupted"):
+        return
+    interrupted = isinstance(exc, (Interrupted, KeyboardInterrupt)) or type(exc).__name__ == "Terminated"
+    status.update(status="interrupted" if interrupted else "failed", step=step)
+    if not interrupted:
+        status["error"] = first_line(exc)
+    with contextlib.suppress(Exception):  # the disk may be what failed: the original error matters more
+        write_run_file(out_dir, status)
+
+
 def decide_start(
     out_dir: Path, cfg: Config, identity: dict, config_hash: str, data_hash: str, force: bool
 ) -> Path | None:
@@ -85,6 +100,12 @@ def decide_start(
     resume = cfg.train.resume
     existing = read_run_file(out_dir)
     latest = ckpt.latest_checkpoint(out_dir / CHECKPOINTS)
+    if latest is None and existing is not None and existing.get("status") != "finished":
+        # Stopped (killed, interrupted, failed) before its first checkpoint: nothing to continue and nothing worth
+        # keeping, so train and train --resume both start it again instead of sending the user round in a circle.
+        log.info("run.out_dir %s holds a run that stopped (%s) before its first checkpoint; starting it again",
+                 out_dir, existing.get("status", "unknown"))
+        return None
     if resume is True and latest is None:
         raise CheckpointError(f"no checkpoint in {out_dir / CHECKPOINTS} to resume from; train without --resume")
     if resume and latest is not None:
@@ -107,10 +128,14 @@ def decide_start(
         return None
     if existing is not None:
         same = existing.get("config_sha256") == config_hash and existing.get("data_sha256") == data_hash
-        if resume == "auto" and same:
-            return None  # this run, but killed before its first checkpoint: start it again
-        what = "this run" if same else "a different run"
         status = existing.get("status", "unknown")
+        if status == "failed":
+            # A diverged (or otherwise failed) run is started over with the new settings; its checkpoints remain
+            # reachable only through --resume --force, as its error message said.
+            log.warning("run.out_dir %s holds a run that failed at step %s (%s); starting over", out_dir,
+                        existing.get("step", "?"), existing.get("error", "no reason recorded"))
+            return None
+        what = "this run" if same else "a different run"
         raise TrainingError(
             f"run.out_dir {out_dir} already holds {what} ({status} at step {existing.get('step', '?')}); pass "
             f"--resume to continue it, --force to overwrite it, or set run.out_dir"
@@ -132,7 +157,11 @@ def run_lock(out_dir: Path, enabled: bool) -> Iterator[None]:
     except ImportError:  # pragma: no cover - not POSIX
         yield
         return
-    out_dir.mkdir(parents=True, exist_ok=True)
+    if out_dir.exists() and not out_dir.is_dir():
+        raise OutputError(f"run.out_dir: {out_dir} is a file, not a directory")
+    check_writable_parent(out_dir)
+    with writing(out_dir, what="run.out_dir: cannot write"):
+        out_dir.mkdir(parents=True, exist_ok=True)
     with open(out_dir / LOCK_FILE, "a+") as f:
         try:
             fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -163,7 +192,7 @@ class MetricsLog:
             return
         logged_until = 0
         if keep_until is None:
-            path.write_text("")
+            atomic_write_text(path, "")
         else:  # resuming: drop the lines of steps that will be redone
             old = read_jsonl(path)
             logged_until = max((line.get("step", 0) for line in old), default=0)
@@ -176,7 +205,7 @@ class MetricsLog:
 
     def write(self, record: dict[str, Any]) -> None:
         if self.enabled:
-            with open(self.path, "a") as f:
+            with writing(self.path, hint="; the checkpoints are intact"), open(self.path, "a") as f:
                 f.write(json.dumps(record) + "\n")
             if self.trackers is not None:
                 self.trackers.log(record)
@@ -188,12 +217,18 @@ class MetricsLog:
 
 
 def read_jsonl(path: Path) -> list[dict]:
+    """The records of metrics.jsonl; a line that is not a JSON object (junk bytes, a line cut by a kill) is skipped:
+    the file is a log, and a damaged line must not stop a resume."""
     if not path.is_file():
         return []
     out = []
-    for line in path.read_text().splitlines():
+    with reading(path, TrainingError):
+        text = path.read_bytes().decode("utf-8", errors="replace")
+    for line in text.splitlines():
         with contextlib.suppress(ValueError):
-            out.append(json.loads(line))
+            record = json.loads(line)
+            if isinstance(record, dict):
+                out.append(record)
     return out
 
 
@@ -305,10 +340,23 @@ def export(ctx: Run) -> None:
     weights = _model_state(ctx.hf_model, True) if ctx.fsdp else None
     if not ctx.dist.is_main:
         return
+    with writing(ctx.out_dir, what="cannot export the model to", hint="; the checkpoints are intact"):
+        _export(ctx, weights)
+
+
+def _export(ctx: Run, weights) -> None:
     out_dir = ctx.out_dir
     tmp = out_dir / ".export.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
+    try:
+        _export_into(ctx, weights, tmp)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _export_into(ctx: Run, weights, tmp: Path) -> None:
+    out_dir = ctx.out_dir
     model = ctx.hf_model
     gen = getattr(model, "generation_config", None)
     if gen is not None and ctx.tokenizer.eos_token_id is not None:
@@ -323,7 +371,6 @@ def export(ctx: Run) -> None:
     ctx.cfg.save(tmp / CONFIG_FILE)
     for f in tmp.iterdir():
         os.replace(f, out_dir / f.name)
-    shutil.rmtree(tmp, ignore_errors=True)
 
 
 def _turn_end_ids(tokenizer) -> set[int]:

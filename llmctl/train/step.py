@@ -55,6 +55,20 @@ def is_oom(exc: BaseException) -> bool:
     )
 
 
+def divergence_advice(optim, lr: float) -> str:
+    """What to change when the loss or gradient became NaN/inf, pointing at the setting most likely to blame."""
+    decay = max(lr, optim.muon_lr if optim.name == "muon" else 0.0) * optim.weight_decay
+    if decay >= 0.01:  # each step shrinks the weights by this fraction: past a few percent they collapse
+        return (f"optim.weight_decay {optim.weight_decay:g} is too strong for this learning rate (each step scales "
+                f"the weights by 1 - {decay:.3g}); lower optim.weight_decay (typical: 0 to 0.1)")
+    if optim.eps < 1e-10:
+        return f"optim.eps {optim.eps:g} is too small to keep the update finite; raise it (typical: 1e-8)"
+    advice = "lower optim.lr or raise optim.warmup_steps"
+    if optim.grad_clip == 0:
+        advice += ", or turn gradient clipping on (optim.grad_clip: 1.0)"
+    return advice[0].upper() + advice[1:]
+
+
 def oom_message(cfg: Config, context: int) -> str:
     t = cfg.train
     return (

@@ -14,7 +14,6 @@ import dataclasses
 import json
 import logging
 import math
-import tempfile
 import threading
 import time
 from collections import Counter
@@ -25,7 +24,8 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from llmctl.core.files import atomic_dir, atomic_write_text, sha256_file, sha256_json
+from llmctl.core.faults import writing
+from llmctl.core.files import atomic_dir, atomic_write_text, sha256_file, sha256_json, temporary_dir
 from llmctl.core.prepare.clean import Cleaner, nlp_enabled, punkt_parameters, stopword_list
 from llmctl.core.prepare.pipeline import WorkerSpec, chunk_runner, worker_count
 from llmctl.core.prepare.sources import (
@@ -107,13 +107,10 @@ def prepare(cfg: Config, *, force: bool = False, quiet: bool = False) -> dict[st
             return summary
         log.debug("rebuilding %s: %s", data_dir, reason)
     started = time.perf_counter()
-    try:
-        with atomic_dir(data_dir) as tmp, tempfile.TemporaryDirectory(dir=tmp.parent, prefix=".llmctl-spool-") as spool:
-            meta, input_bytes = _build(cfg, sources, config_hash, tmp, Path(spool), quiet)
-    except PermissionError as exc:
-        raise DataError(f"data.dir: cannot write {exc.filename or data_dir}: permission denied") from None
-    except OSError as exc:
-        raise DataError(f"data.dir: cannot write {exc.filename or data_dir}: {exc.strerror or exc}") from None
+    kept = "; the prepared data there before is unchanged" if (data_dir / META).exists() else ""
+    with writing(data_dir, what="data.dir: cannot write", hint=kept):
+        with atomic_dir(data_dir) as tmp, temporary_dir(tmp.parent, "llmctl-spool") as spool:
+            meta, input_bytes = _build(cfg, sources, config_hash, tmp, spool, quiet)
     seconds = time.perf_counter() - started
     summary = _summary(data_dir, meta, seconds, input_bytes)
     log.info(_summary_line(summary))

@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO
 
+from llmctl.core.faults import reading
 from llmctl.core.files import sha256_file
 from llmctl.core.inputs import STDIN, input_format, open_binary
 from llmctl.core.records import HF_PREFIX, iter_texts, parquet_row_groups, provenance, record_format
@@ -339,7 +340,7 @@ def stdin_has_data() -> bool:
     """Whether stdin can be read right now without waiting (a pipe with data in it, or at its end)."""
     try:
         ready, _, _ = select.select([sys.stdin], [], [], 0)
-    except (OSError, ValueError):
+    except (OSError, ValueError, TypeError):  # TypeError: stdin closed (None); reading it then says so
         return True
     return bool(ready)
 
@@ -358,10 +359,8 @@ def _read_blocks(stream: IO[bytes], chunk_bytes: int, counter: _CountingHasher) 
     read1 = getattr(stream, "read1", stream.read)
     first = True
     while True:
-        try:
+        with reading(STDIN):
             block = read1(chunk_bytes)
-        except (OSError, EOFError, gzip.BadGzipFile) as exc:
-            raise DataError(f"<stdin>: cannot read: {exc}") from None
         if not block:
             break
         if first and b"\x00" in block[:8192]:
@@ -382,10 +381,8 @@ def spool_stdin(source: Source, directory: Path) -> None:
 
 
 def _safe_read(f: IO[bytes], n: int, source: Source) -> bytes:
-    try:
+    with reading(source.name):
         return f.read(n)
-    except (OSError, EOFError, gzip.BadGzipFile) as exc:
-        raise DataError(f"{source.name}: cannot read: {exc}") from None
 
 
 def _cut(

@@ -7,7 +7,9 @@ places the end-of-text id between documents, and judges a document that spans ch
 
 from __future__ import annotations
 
+import errno
 import json
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO
@@ -201,8 +203,9 @@ class ShardWriter:
     def finish(self, byte_table: np.ndarray) -> dict:
         """Close the files; with a tail split, move the last `val_fraction` of the tokens to val.bin. Returns the
         per-split tokens, documents and bytes."""
-        for f in self.files.values():
+        for name, f in self.files.items():
             f.close()
+            _check_size(self.directory / f"{name}.bin", self.tokens[name] * self.dtype.itemsize)
         if self.split == "documents":
             return {"tokens": dict(self.tokens), "documents": dict(self.docs), "bytes": dict(self.bytes)}
         return self._cut_tail(byte_table)
@@ -224,6 +227,7 @@ class ShardWriter:
                 block.tofile(out)
                 eos_in_val += int(np.count_nonzero(block == self.eos))
                 val_bytes += int(byte_table[block].sum())
+        _check_size(val_path, val_tokens * self.dtype.itemsize)
         if val_tokens:
             first_val = int(mm[cut])
         if cut:
@@ -319,3 +323,14 @@ class TextWriter:
             return ""
         self.documents += 1
         return self._start() + self._format(whole) + "\n"
+
+
+def _check_size(path: Path, expected: int) -> None:
+    """ndarray.tofile writes through C stdio, which can lose a full disk's error: a shard shorter than what was
+    written is that error, raised here as the OSError it should have been."""
+    size = path.stat().st_size
+    if size != expected:
+        from llmctl.core.faults import disk_full
+
+        code = errno.ENOSPC if disk_full(path) else errno.EIO
+        raise OSError(code, os.strerror(code), str(path))

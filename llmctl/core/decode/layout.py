@@ -1,0 +1,102 @@
+"""Weight layouts for the lean GPT-2 step: aligned and augmented (bias as a last row) copies of the weights, and
+the probes that find for how many rows a matrix product keeps each row's bits (batch invariance)."""
+
+from __future__ import annotations
+
+import functools
+import logging
+from collections.abc import Sequence
+
+import torch
+
+log = logging.getLogger(__name__)
+
+
+def _aligned(weight: torch.nn.Parameter, transposed: bool | None = None) -> torch.Tensor:
+    """`weight`, detached, moved once into 64-byte-aligned memory where it is not; a matrix also into the transposed
+    memory layout (the same (K, N) matrix, stored as (N, K)) for `transposed` True, the row-major one for False, and
+    either for None. transformers maps safetensors weights straight from the file at 8-byte alignment: vector loads
+    then straddle cache lines, which makes a decode step about 10% slower (measured on the benchmark's model). The
+    parameter itself is changed (same values, same Parameter, so tied weights stay tied and the model still works),
+    so the model holds one copy, not two."""
+    tensor = weight.detach()
+    if tensor.device.type != "cpu":
+        return tensor
+    is_transposed = tensor.dim() == 2 and tensor.stride() == (1, tensor.size(0)) and not tensor.is_contiguous()
+    if transposed is None:
+        transposed = is_transposed
+    if transposed != is_transposed or tensor.data_ptr() % 64 or not (tensor.is_contiguous() or is_transposed):
+        with torch.no_grad():
+            weight.data = tensor.t().contiguous().t() if transposed else tensor.clone(
+                memory_format=torch.contiguous_format)
+    return weight.detach()
+
+
+def _augmented(weight: torch.nn.Parameter, bias: torch.Tensor, transposed: bool) -> torch.Tensor:
+    """The (K + 1, N) matrix of `weight` (K, N) with `bias` (N,) as its last row, in the given memory layout: times
+    an input whose last column is ones, the product adds the bias itself. That saves a separate bias addition
+    after the product before it, which with cold caches cost about as much as a layer norm (about 30 us at batch 1
+    on the benchmark's model). The bias goes in as the last term of each sum, so a row's result can differ from
+    transformers' addmm(bias, ...) by rounding, as with any other order of additions (the products themselves
+    already differ: see GPT2Forward). The parameter becomes a view of the first K rows (one copy in memory); a
+    later decoder finds it so."""
+    tensor = weight.detach()
+    (k, n), dtype, device = tensor.shape, tensor.dtype, tensor.device
+    strides = (1, k + 1) if transposed else (n, 1)
+    storage = tensor.untyped_storage()
+    if (tensor.storage_offset() == 0 and tensor.stride() == strides
+            and storage.nbytes() == (k + 1) * n * tensor.element_size()):
+        full = tensor.new_empty(0).set_(storage, 0, (k + 1, n), strides)
+        if torch.equal(full[k], bias):
+            return full
+    full = torch.empty_strided((k + 1, n), strides, dtype=dtype, device=device)
+    with torch.no_grad():
+        full[:k] = tensor
+        full[k] = bias
+        weight.data = full[:k]
+    return full
+
+
+def _row_stable_layout(rows_in: int, widths: Sequence[int], dtype: torch.dtype) -> tuple[bool, int]:
+    """How to multiply by a (K, N) matrix, K = rows_in, in products as wide as each of `widths`, so that a row's
+    result does not depend on the rows around it: whether to store it transposed ((N, K) in memory), and the most
+    rows one product may take (1 where even 3 rows change a row's bits). The transposed layout wins where it keeps a
+    row's bits for up to 8 rows or more (faster for few rows, see GPT2Forward); measured once per shape, type and
+    thread count."""
+    threads = torch.get_num_threads()
+    transposed_rows = min(_stable_rows(rows_in, n, dtype, True, threads) for n in widths)
+    if transposed_rows >= 8:
+        return True, transposed_rows
+    rows = min(_stable_rows(rows_in, n, dtype, False, threads) for n in widths)
+    return (False, rows) if rows >= transposed_rows else (True, transposed_rows)
+
+
+@functools.cache
+def _stable_rows(k: int, n: int, dtype: torch.dtype, transposed: bool, threads: int, limit: int = 16) -> int:
+    """The most rows m <= limit such that bias + x @ w, w (K, N) in the given memory layout, gives each row of x
+    (1 < rows <= m) the bits it gets in a product of two rows. Each row count is tried from the first row, and the
+    smallest ones and the largest also from the second (a piece can start anywhere; trying every count from both
+    would double the time before a first token for no case seen)."""
+    noise = _noise(k * n + n + (limit + 1) * k, dtype)  # (one draw: random numbers cost more than the products)
+    w = noise[:k * n].view((n, k) if transposed else (k, n))
+    w = w.t() if transposed else w
+    bias = noise[k * n:k * n + n]
+    x = noise[k * n + n:].view(limit + 1, k)
+    pairs = torch.cat([torch.addmm(bias, x[i:i + 2], w) for i in range(0, limit, 2)])  # (limit, N)
+    pairs = torch.cat([pairs, torch.addmm(bias, x[limit - 1:], w)[1:]])  # the last row, paired too
+    for m in range(2, limit + 1):
+        for start in (0, 1) if m <= 4 or m == limit else (0,):
+            if not torch.equal(torch.addmm(bias, x[start:start + m], w), pairs[start:start + m]):
+                return m - 1
+    return limit
+
+
+def _noise(numel: int, dtype: torch.dtype) -> torch.Tensor:
+    """`numel` standard normal numbers of `dtype`, the same every time: the start of one draw kept for the process."""
+    global _NOISE
+    if _NOISE.numel() < numel or _NOISE.dtype != dtype:
+        _NOISE = torch.randn(max(numel, _NOISE.numel()), generator=torch.Generator().manual_seed(0), dtype=dtype)
+    return _NOISE[:numel]
+
+
+_NOISE = torch.empty(0)
