@@ -35,7 +35,7 @@ app = typer.Typer(
     help="Clean and tokenize a corpus, train or fine-tune a GPT-2-style model, generate text, and evaluate.\n\n"
     "Each command reads one YAML experiment file (-c) and takes `--set section.key=value` overrides.",
     no_args_is_help=True,
-    add_completion=False,
+    add_completion=True,  # `llmctl --install-completion` (bash, zsh, fish, PowerShell)
     pretty_exceptions_enable=False,
     rich_markup_mode=None,
     context_settings={"help_option_names": ["-h", "--help"]},
@@ -43,11 +43,13 @@ app = typer.Typer(
 
 # Options every command shares.
 ConfigOpt = Annotated[
-    Path | None, typer.Option("--config", "-c", help="Experiment YAML file.", dir_okay=False, show_default=False)
+    Path | None,
+    typer.Option("--config", "-c", help="Experiment YAML file.", dir_okay=False, show_default=False, metavar="FILE"),
 ]
 SetOpt = Annotated[
     list[str] | None,
-    typer.Option("--set", "-s", help="Override a config value: section.key=value (repeatable).", show_default=False),
+    typer.Option("--set", "-s", help="Override a config value: section.key=value (repeatable).", show_default=False,
+                 metavar="KEY=VALUE"),
 ]
 PrintConfigOpt = Annotated[
     bool, typer.Option("--print-config", help="Print the resolved config as YAML and exit.", show_default=False)
@@ -57,13 +59,58 @@ VerboseOpt = Annotated[bool, typer.Option("--verbose", "-v", help="Debug logging
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print the result as JSON on stdout.")]
 
 
+def _examples(*lines: str) -> str:
+    """A help text's last part: real examples, one per line, kept as written (Click's \\b marker stops rewrapping).
+    tests/test_help.py parses every one of them against this CLI."""
+    return "Examples:\n\n\b\n" + "\n".join(f"  {line}" for line in lines)
+
+
+EXAMPLES = {
+    "llmctl": _examples(
+        "llmctl train -c configs/quickstart.yaml                  # prepare, train, print the run directory",
+        "llmctl generate -c configs/quickstart.yaml -p 'Python is'",
+        "llmctl eval -m runs/quickstart -i held-out.txt --fail-over perplexity=40",
+        "llmctl --install-completion                              # tab completion for your shell",
+    ),
+    "preprocess": _examples(
+        "llmctl preprocess -c configs/lm-bpe.yaml corpus/ -o data/corpus        # 8k BPE + token shards",
+        "llmctl preprocess docs.parquet --set data.text_field=body -o data/docs  # a Parquet column",
+        "llmctl preprocess hf:stanfordnlp/imdb@train -o data/imdb               # a cached HF dataset",
+        "zcat dump.jsonl.gz | llmctl preprocess - --set data.format=jsonl -o data/dump --json",
+        "cat corpus.txt | llmctl preprocess -c configs/classic-nlp.yaml --to-text > tokens.txt",
+    ),
+    "train": _examples(
+        "llmctl train -c configs/quickstart.yaml",
+        "llmctl train -c configs/sft.yaml                              # prompt/completion or chat JSONL",
+        "llmctl train -c configs/lm-bpe.yaml --resume                 # continue after Ctrl-C (exit 75)",
+        "llmctl train -c configs/lm-bpe.yaml --set 'train.loggers=[jsonl,png,tensorboard]'",
+        "llmctl train -c configs/sentiment.yaml --set data.inputs=[reviews.parquet] --json",
+    ),
+    "generate": _examples(
+        "llmctl generate -m runs/quickstart -p 'Once upon a time' -n 50",
+        "llmctl generate -m runs/quickstart --greedy --stop '.' < prompts.txt",
+        "llmctl generate -m runs/quickstart -i prompts.jsonl --input-format jsonl -f jsonl > out.jsonl",
+        "llmctl generate -m runs/quickstart -i prompts.parquet -f jsonl       # a `prompt` column",
+        "llmctl generate -m runs/sft --chat --system 'Answer briefly.' -p 'Name a prime number.'",
+    ),
+    "eval": _examples(
+        "llmctl eval -c configs/quickstart.yaml                          # validation split of data.dir",
+        "llmctl eval -m runs/quickstart -i held-out.txt --fail-over perplexity=40",
+        "llmctl eval -m runs/sentiment -i test.csv --set data.label_field=sentiment --fail-under accuracy=0.8",
+        "llmctl eval -m runs/quickstart -i reviews.jsonl --task zero-shot --verbalizer pos=' good' "
+        "--verbalizer neg=' bad'",
+        "llmctl eval --predictions pred.txt --references gold.txt --json",
+    ),
+}
+
+
 def _version(value: bool) -> None:
     if value:
         typer.echo(f"llmctl {__version__}")
         raise typer.Exit()
 
 
-@app.callback()
+@app.callback(epilog=EXAMPLES["llmctl"])
 def _root(
     version: Annotated[
         bool, typer.Option("--version", help="Print the version and exit.", callback=_version, is_eager=True)
@@ -134,15 +181,18 @@ def _write_stream(chunks: Iterable[str | dict]) -> None:
 # Commands
 
 
-@app.command()
+@app.command(epilog=EXAMPLES["preprocess"])
 def preprocess(
     inputs: Annotated[
         list[str] | None,
-        typer.Argument(help="Files, directories or - (stdin); default: data.inputs, else stdin.", show_default=False),
+        # Described in the docstring: Typer would label a listed argument `<list[str]>`.
+        typer.Argument(show_default=False, metavar="INPUT", hidden=True),
     ] = None,
     config: ConfigOpt = None,
     set_: SetOpt = None,
-    out: Annotated[str | None, typer.Option("--out", "-o", help="Prepared data directory (data.dir).")] = None,
+    out: Annotated[
+        str | None, typer.Option("--out", "-o", help="Prepared data directory (data.dir).", metavar="DIR")
+    ] = None,
     to_text: Annotated[
         bool, typer.Option("--to-text", help="Filter mode: write the cleaned text (one document per line) to stdout.")
     ] = False,
@@ -152,7 +202,10 @@ def preprocess(
     verbose: VerboseOpt = False,
     print_config: PrintConfigOpt = False,
 ) -> None:
-    """Clean text, train or reuse a tokenizer, and write token shards (or, with --to-text, filter text)."""
+    """Clean text, train or reuse a tokenizer, and write token shards (or, with --to-text, filter text).
+
+    INPUT: files (text, JSONL, Parquet, CSV/TSV), directories, save_to_disk datasets, hf:NAME[:CONFIG][@SPLIT]
+    or - (stdin); default: data.inputs, else stdin."""
     if to_text and out is not None:
         raise typer.BadParameter("--to-text writes the cleaned text to stdout; redirect it (> FILE) instead",
                                  param_hint="--out")
@@ -167,11 +220,11 @@ def preprocess(
         _write_json(result)
 
 
-@app.command()
+@app.command(epilog=EXAMPLES["train"])
 def train(
     config: ConfigOpt = None,
     set_: SetOpt = None,
-    out: Annotated[str | None, typer.Option("--out", "-o", help="Run directory (run.out_dir).")] = None,
+    out: Annotated[str | None, typer.Option("--out", "-o", help="Run directory (run.out_dir).", metavar="DIR")] = None,
     resume: Annotated[bool, typer.Option("--resume", help="Continue from the last checkpoint (train.resume).")] = False,
     force: Annotated[
         bool,
@@ -232,41 +285,59 @@ def _train_summary(result: dict[str, Any], quiet: bool) -> None:
     stderr_console().print(table)
 
 
-@app.command()
+@app.command(epilog=EXAMPLES["generate"])
 def generate(
     config: ConfigOpt = None,
     set_: SetOpt = None,
-    model: Annotated[str | None, typer.Option("--model", "-m", help="Run/model directory or hub id.")] = None,
+    model: Annotated[
+        str | None, typer.Option("--model", "-m", help="Run/model directory or hub id.", metavar="DIR_OR_ID")
+    ] = None,
     prompt: Annotated[
-        list[str] | None, typer.Option("--prompt", "-p", help="Prompt (repeatable); default: read --input.")
+        list[str] | None,
+        typer.Option("--prompt", "-p", help="Prompt (repeatable); default: read --input.", metavar="TEXT")
     ] = None,
     input_: Annotated[
-        str | None, typer.Option("--input", "-i", help="File of prompts; - (the default) is stdin.", show_default=False)
+        str | None,
+        typer.Option("--input", "-i", help="File of prompts (lines, JSONL, or a Parquet/CSV `prompt` column); - (the "
+                     "default) is stdin.", show_default=False, metavar="FILE")
     ] = None,
     input_format: Annotated[
-        str | None, typer.Option("--input-format", help="lines | text (all one prompt) | jsonl.", show_default=False)
+        str | None, typer.Option("--input-format", help="lines | text (all one prompt) | jsonl.", show_default=False,
+                     metavar="FORMAT")
     ] = None,
-    output_format: Annotated[str | None, typer.Option("--output-format", "-f", help="text | jsonl.")] = None,
+    output_format: Annotated[
+        str | None, typer.Option("--output-format", "-f", help="text | jsonl.", metavar="FORMAT")
+    ] = None,
     echo: Annotated[
         bool | None, typer.Option("--echo/--no-echo", help="Print the prompt before the completion.")
     ] = None,
-    max_new_tokens: Annotated[int | None, typer.Option("--max-new-tokens", "-n", help="Tokens to generate.")] = None,
-    temperature: Annotated[float | None, typer.Option("--temperature", "-t", help="0 is greedy.")] = None,
-    top_k: Annotated[int | None, typer.Option("--top-k", help="0 turns top-k off.")] = None,
-    top_p: Annotated[float | None, typer.Option("--top-p", help="1 turns nucleus sampling off.")] = None,
-    repetition_penalty: Annotated[float | None, typer.Option("--repetition-penalty", help="1 turns it off.")] = None,
+    max_new_tokens: Annotated[
+        int | None, typer.Option("--max-new-tokens", "-n", help="Tokens to generate.", metavar="N")
+    ] = None,
+    temperature: Annotated[float | None, typer.Option("--temperature", "-t", help="0 is greedy.", metavar="T")] = None,
+    top_k: Annotated[int | None, typer.Option("--top-k", help="0 turns top-k off.", metavar="K")] = None,
+    top_p: Annotated[float | None, typer.Option("--top-p", help="1 turns nucleus sampling off.", metavar="P")] = None,
+    repetition_penalty: Annotated[
+        float | None, typer.Option("--repetition-penalty", help="1 turns it off.", metavar="X")
+    ] = None,
     greedy: Annotated[bool, typer.Option("--greedy", help="Greedy decoding (no sampling).")] = False,
-    stop: Annotated[list[str] | None, typer.Option("--stop", help="Stop string (repeatable).")] = None,
+    stop: Annotated[list[str] | None, typer.Option("--stop", help="Stop string (repeatable).", metavar="TEXT")] = None,
     ignore_eos: Annotated[
         bool | None, typer.Option("--ignore-eos/--no-ignore-eos", help="Generate past the end-of-text token.")
     ] = None,
     num_return_sequences: Annotated[
-        int | None, typer.Option("--num-return-sequences", help="Completions per prompt.")
+        int | None, typer.Option("--num-return-sequences", help="Completions per prompt.", metavar="N")
     ] = None,
-    batch_size: Annotated[int | None, typer.Option("--batch-size", "-b", help="Prompts decoded together.")] = None,
-    seed: Annotated[int | None, typer.Option("--seed", help="Sampling seed (default: run.seed).")] = None,
-    precision: Annotated[str | None, typer.Option("--precision", help="auto | fp32 | bf16 | fp16.")] = None,
-    on_error: Annotated[str | None, typer.Option("--on-error", help="Malformed input line: fail | skip.")] = None,
+    batch_size: Annotated[
+        int | None, typer.Option("--batch-size", "-b", help="Prompts decoded together.", metavar="N")
+    ] = None,
+    seed: Annotated[int | None, typer.Option("--seed", help="Sampling seed (default: run.seed).", metavar="N")] = None,
+    precision: Annotated[
+        str | None, typer.Option("--precision", help="auto | fp32 | bf16 | fp16.", metavar="DTYPE")
+    ] = None,
+    on_error: Annotated[
+        str | None, typer.Option("--on-error", help="Malformed input line: fail | skip.", metavar="MODE")
+    ] = None,
     chat: Annotated[
         bool | None,
         typer.Option("--chat/--no-chat", help="Render prompts through the model's chat template (generate.chat)."),
@@ -308,43 +379,60 @@ def generate(
     _write_stream(command.run(cfg, quiet=quiet))
 
 
-@app.command(name="eval")
+@app.command(name="eval", epilog=EXAMPLES["eval"])
 def eval_(
     config: ConfigOpt = None,
     set_: SetOpt = None,
-    model: Annotated[str | None, typer.Option("--model", "-m", help="Run/model directory or hub id.")] = None,
+    model: Annotated[
+        str | None, typer.Option("--model", "-m", help="Run/model directory or hub id.", metavar="DIR_OR_ID")
+    ] = None,
     input_: Annotated[
         str | None,
-        typer.Option("--input", "-i", help="Held-out text, labeled file or prepared data directory; - for stdin."),
+        typer.Option("--input", "-i", help="Held-out text, labeled file (JSONL, CSV, Parquet, hf:NAME) or prepared "
+                     "data directory; - for stdin.", metavar="FILE_OR_DIR"),
     ] = None,
     task: Annotated[
         str | None,
-        typer.Option("--task", help="auto | lm | classification | zero-shot | sft | generation.", show_default=False),
+        typer.Option("--task", help="auto | lm | classification | zero-shot | sft | generation.", show_default=False,
+                     metavar="TASK"),
     ] = None,
-    context: Annotated[int | None, typer.Option("--context", help="Window length in tokens.")] = None,
-    stride: Annotated[int | None, typer.Option("--stride", help="Tokens the window advances by.")] = None,
+    context: Annotated[int | None, typer.Option("--context", help="Window length in tokens.", metavar="N")] = None,
+    stride: Annotated[int | None, typer.Option("--stride", help="Tokens the window advances by.", metavar="N")] = None,
     batch_size: Annotated[
-        int | None, typer.Option("--batch-size", help="Windows or examples per forward pass.")
+        int | None, typer.Option("--batch-size", help="Windows or examples per forward pass.", metavar="N")
     ] = None,
-    max_tokens: Annotated[int | None, typer.Option("--max-tokens", help="Score only the first N tokens.")] = None,
+    max_tokens: Annotated[
+        int | None, typer.Option("--max-tokens", help="Score only the first N tokens.", metavar="N")
+    ] = None,
     verbalizer: Annotated[
-        list[str] | None, typer.Option("--verbalizer", help="Zero-shot LABEL=TEXT (repeatable).", show_default=False)
+        list[str] | None, typer.Option("--verbalizer", help="Zero-shot LABEL=TEXT (repeatable).", show_default=False,
+                     metavar="LABEL=TEXT")
     ] = None,
     template: Annotated[
-        str | None, typer.Option("--template", help="Zero-shot prompt template with {text}.", show_default=False)
+        str | None,
+        typer.Option("--template", help="Zero-shot prompt template with {text}.", show_default=False, metavar="TEXT")
     ] = None,
-    predictions: Annotated[str | None, typer.Option("--predictions", help="File of predicted labels.")] = None,
-    references: Annotated[str | None, typer.Option("--references", help="File of gold labels.")] = None,
-    id_field: Annotated[str | None, typer.Option("--id-field", help="Match JSONL lines by this field.")] = None,
+    predictions: Annotated[
+        str | None, typer.Option("--predictions", help="File of predicted labels.", metavar="FILE")
+    ] = None,
+    references: Annotated[str | None, typer.Option("--references", help="File of gold labels.", metavar="FILE")] = None,
+    id_field: Annotated[
+        str | None, typer.Option("--id-field", help="Match JSONL lines by this field.", metavar="FIELD")
+    ] = None,
     predictions_out: Annotated[
-        str | None, typer.Option("--predictions-out", help="Write per-example predictions (JSONL) here.")
+        str | None,
+        typer.Option("--predictions-out", help="Write per-example predictions (JSONL) here.", metavar="FILE")
     ] = None,
-    output: Annotated[str | None, typer.Option("--output", "-o", help="Also write the JSON result here.")] = None,
+    output: Annotated[
+        str | None, typer.Option("--output", "-o", help="Also write the JSON result here.", metavar="FILE")
+    ] = None,
     fail_under: Annotated[
-        list[str] | None, typer.Option("--fail-under", help="Gate METRIC=VALUE: fail when below (repeatable).")
+        list[str] | None,
+        typer.Option("--fail-under", help="Gate METRIC=VALUE: fail when below (repeatable).", metavar="METRIC=VALUE")
     ] = None,
     fail_over: Annotated[
-        list[str] | None, typer.Option("--fail-over", help="Gate METRIC=VALUE: fail when above (repeatable).")
+        list[str] | None,
+        typer.Option("--fail-over", help="Gate METRIC=VALUE: fail when above (repeatable).", metavar="METRIC=VALUE")
     ] = None,
     json_: JsonOpt = False,
     quiet: QuietOpt = False,

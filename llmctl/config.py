@@ -98,12 +98,14 @@ class DataConfig:
     `train` reads them from here."""
     glob: list[str] = field(default_factory=lambda: ["*.txt", "*.jsonl", "*.txt.gz", "*.jsonl.gz"])
     """File name patterns taken from directories named in `inputs` (searched recursively)."""
-    format: Literal["auto", "txt", "jsonl"] = "auto"
-    """Input format; `auto` goes by the file extension (`.jsonl`, `.jsonl.gz` are JSONL; all else is text)."""
+    format: Literal["auto", "txt", "jsonl", "parquet", "csv", "tsv"] = "auto"
+    """Input format; `auto` goes by the name: `.jsonl`/`.ndjson` are JSONL, `.parquet`/`.pq` Parquet, `.csv` and
+    `.tsv` CSV/TSV with a header line (`.gz` allowed), a `save_to_disk` directory and `hf:NAME[:CONFIG][@SPLIT]`
+    Hugging Face datasets; all else is text. Parquet and datasets need `pip install 'llmctl[data]'`."""
     text_field: str = "text"
-    """The field holding the text in JSONL inputs."""
+    """The field (column) holding the text in JSONL, Parquet, CSV/TSV and dataset inputs."""
     label_field: str = "label"
-    """The field holding the label in labeled JSONL inputs (classification)."""
+    """The field (column) holding the label in labeled inputs (classification)."""
     documents: Literal["file", "paragraph", "line"] = "paragraph"
     """How a text input splits into documents: the whole file, blank-line-separated paragraphs, or single lines.
     A JSONL input always has one document per line."""
@@ -393,6 +395,11 @@ class TrainConfig:
     checkpoint_interval: int | None = None
     """Save a checkpoint every this many steps; unset follows eval_interval; 0 saves only at the end. Checkpoints
     are what `--resume` continues from."""
+    loggers: list[str] = field(default_factory=lambda: ["jsonl", "png"])
+    """Where training metrics go, several at once: `jsonl` (metrics.jsonl, always written), `png` (loss.png at the
+    end), `tensorboard` (RUN/tensorboard), `wandb` (offline unless WANDB_MODE is set; RUN/wandb) and `mlflow` (a
+    file store in RUN/mlruns unless MLFLOW_TRACKING_URI is set). The last three are extras:
+    `pip install 'llmctl[tensorboard]'` and so on."""
     fsdp: bool = False
     """Under torchrun, shard parameters, gradients and optimizer state over the processes (FSDP2, one unit per
     transformer block) instead of replicating them (DDP): for models that do not fit one device."""
@@ -414,6 +421,12 @@ class TrainConfig:
                 problems.append(f"{name}: must be positive")
         if self.context is not None and self.context <= 0:
             problems.append("context: must be positive")
+        known = ("jsonl", "png", "tensorboard", "wandb", "mlflow")
+        for name in self.loggers:
+            if name not in known:
+                close = difflib.get_close_matches(name, known, n=1, cutoff=0.6)
+                hint = f"did you mean {close[0]}?" if close else f"expected {', '.join(known)}"
+                problems.append(f"loggers: unknown logger {name!r}; {hint}")
         return problems
 
 

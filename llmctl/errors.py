@@ -6,7 +6,7 @@ Library code raises these and never exits or prints; `llmctl.cli.main` is the on
 
 from __future__ import annotations
 
-# Exit codes, documented in the README. Scripts and CI rely on them, so they never change meaning.
+# Exit codes, documented in docs/exit-codes.md. Scripts and CI rely on them, so they never change meaning.
 EXIT_OK = 0
 EXIT_ERROR = 1  # runtime, data, config, model or checkpoint problem
 EXIT_USAGE = 2  # bad command line (unknown flag, missing argument): Click's own convention

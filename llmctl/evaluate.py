@@ -1,6 +1,6 @@
 """`llmctl eval`: is this model good enough? Numbers a script or a CI job can act on.
 
-Four ways to evaluate, one result shape (documented in the README, section "eval"):
+Four ways to evaluate, one result shape (documented in docs/eval.md):
   - lm: loss, perplexity and bits per byte of a causal LM on held-out text (a file, stdin, or a prepared split),
     scored with a sliding window (llmctl.core.scoring.token_nll);
   - classification: a model with a classification head (a `train.task: classification` run) on a labeled file;
@@ -209,6 +209,8 @@ def _eval_lm(cfg: Config, name: str, device: torch.device, dtype: torch.dtype, q
 def _lm_stream(cfg: Config, name: str, model) -> _Stream:
     """The text to score: a prepared split (eval.input naming a prepared directory, or data.dir when eval.input is
     unset) or a text/JSONL file or stdin."""
+    from llmctl.core.records import record_format
+
     ec = cfg.eval
     if ec.input is None:
         data_dir = Path(cfg.data.dir)
@@ -218,7 +220,7 @@ def _lm_stream(cfg: Config, name: str, model) -> _Stream:
                 f"(data.dir {data_dir} holds no prepared data)"
             )
         return _split_stream(cfg, data_dir, name, model)
-    if ec.input != "-" and Path(ec.input).is_dir():
+    if ec.input != "-" and Path(ec.input).is_dir() and record_format(ec.input) != "dataset":
         if not (Path(ec.input) / "meta.json").is_file():
             raise DataError(f"{ec.input}: a directory, but not a prepared data directory (no meta.json)")
         return _split_stream(cfg, Path(ec.input), name, model)
@@ -270,14 +272,19 @@ def _same_tokenizer(data_dir: Path, name: str):
 
 
 def _text_stream(cfg: Config, path: str, name: str) -> _Stream:
-    """A text file (one document) or JSONL file (one document per line, in data.text_field), tokenized with the
-    model's tokenizer. Documents are joined by the end-of-text token, as preprocess joins them in the shards."""
+    """A text file (one document) or a record input (JSONL, Parquet, CSV, dataset: one document per record, in
+    data.text_field), tokenized with the model's tokenizer. Documents are joined by the end-of-text token, as
+    preprocess joins them in the shards."""
     from llmctl.core.inputs import MAX_TEXT_BYTES, display_name, input_format, iter_jsonl, read_text
     from llmctl.core.model import load_tokenizer
+    from llmctl.core.records import iter_texts, record_format
 
     tokenizer = load_tokenizer(name, trust_remote_code=cfg.run.trust_remote_code)
     source = display_name(path)
-    if input_format(path, cfg.data.format) == "jsonl":
+    kind = record_format(path, cfg.data.format) if path != "-" else "txt"
+    if kind not in ("txt", "jsonl"):
+        documents = [text for _, text in iter_texts(path, cfg.data.text_field, cfg.data.format)]
+    elif input_format(path, cfg.data.format) == "jsonl":
         field = cfg.data.text_field
         documents = []
         for number, obj in iter_jsonl(path, max_total=MAX_TEXT_BYTES):

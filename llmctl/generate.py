@@ -121,7 +121,25 @@ def _read_prompts(g: GenerateConfig, stats: _Stats, quiet: bool) -> Iterable[Pro
                  "one per line" if g.input_format != "text" else "all of it as one prompt", end)
     if g.input_format == "text":
         return _from_text(g.input, stats)
+    from llmctl.core.records import record_format
+
+    if g.input != "-" and record_format(g.input) not in ("txt", "jsonl"):
+        return _Prefetch(_from_records(g, stats), maxsize=4 * g.batch_size)
     return _Prefetch(_from_lines(g, stats), maxsize=4 * g.batch_size)
+
+
+def _from_records(g: GenerateConfig, stats: _Stats) -> Iterator[Prompt]:
+    """Prompts from a Parquet, CSV or dataset input: its `prompt` column (or, with chat, `messages`), and `id` and the
+    per-prompt sampling columns of JSONL prompts where the table has them (other columns are ignored: tables carry
+    more than prompts)."""
+    from llmctl.core.records import iter_records
+
+    required = [] if g.chat else ["prompt"]
+    for position, (where, record) in enumerate(iter_records(g.input, fields=required, optional=JSONL_FIELDS)):
+        kept = {k: v for k, v in record.items() if k in JSONL_FIELDS and v is not None}
+        text, ident, overrides = _parse_jsonl(json.dumps(kept), where, g.chat)
+        stats.prompts += 1
+        yield Prompt(position, text, position if ident is None else ident, overrides)
 
 
 def _from_list(prompts: list[str], stats: _Stats) -> Iterator[Prompt]:

@@ -100,3 +100,8 @@ def _can_connect(host: str, port: int, timeout: float = 3.0) -> bool:
             return True
     except OSError:
         return False
+
+
+def hub_offline() -> bool:
+    """True when the hub is not to be contacted (HF_HUB_OFFLINE) or cannot be reached: read from the cache only."""
+    return _offline() or not _hub_reachable()

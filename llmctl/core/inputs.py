@@ -170,8 +170,14 @@ def read_labeled(
     path: str | Path, text_field: str = "text", label_field: str = "label", id_field: str = "id"
 ) -> list[Example]:
     """Labeled examples from JSONL (`{"text": ..., "label": ...}`) or TSV (`text<TAB>label`, an optional header
-    line `text<TAB>label` is skipped). The format goes by the first non-blank character: `{` means JSONL."""
+    line `text<TAB>label` is skipped). The format goes by the first non-blank character: `{` means JSONL. Parquet,
+    CSV, saved datasets and `hf:` datasets are read by llmctl.core.records, by their name."""
     name = display_name(path)
+    if str(path) != STDIN:
+        from llmctl.core.records import read_labeled_records, record_format
+
+        if record_format(str(path)) in ("parquet", "csv", "dataset", "hf"):
+            return [Example(*row) for row in read_labeled_records(str(path), text_field, label_field, id_field)]
     lines = [(n, line) for n, line in iter_lines(path, max_total=MAX_LINES_BYTES) if line.strip()]
     if not lines:
         raise DataError(f"{name}: no examples (the file is empty)")

@@ -43,6 +43,7 @@ from llmctl.core.device import (
 )
 from llmctl.core.files import sha256_json
 from llmctl.core.lora import apply_lora
+from llmctl.core.trackers import check_loggers
 from llmctl.errors import ConfigError, DataError, Interrupted, LlmctlError, TrainingError
 from llmctl.train.data import (
     LabeledData,
@@ -115,6 +116,7 @@ def _train(cfg: Config, dist: Dist, device: torch.device, *, force: bool, quiet:
 
     wall_start = time.perf_counter()
     t = cfg.train
+    check_loggers(t.loggers)  # a tracker that is not installed fails before anything is written
     set_threads(cfg.run.threads)
     torch.manual_seed(cfg.run.seed)  # model initialisation: identical on every process
     if device.type == "cuda":
@@ -232,7 +234,8 @@ def _train(cfg: Config, dist: Dist, device: torch.device, *, force: bool, quiet:
         if resume_from is not None:
             load_checkpoint(ctx, resume_from)
             log.info("resuming from %s (step %d)", resume_from, counters["step"])
-        metrics = MetricsLog(out_dir / METRICS_FILE, dist.is_main, counters["step"] if resume_from else None)
+        metrics = MetricsLog(out_dir / METRICS_FILE, dist.is_main, counters["step"] if resume_from else None,
+                             t.loggers, cfg.to_dict())
         status = {"status": "running", "config_sha256": config_hash, "data_sha256": data_hash,
                   "identity": identity, "step": counters["step"], "total_steps": total_steps}
         if dist.is_main:
@@ -259,6 +262,8 @@ def _train(cfg: Config, dist: Dist, device: torch.device, *, force: bool, quiet:
             if dist.is_main:
                 mark_stopped(out_dir, exc, counters["step"])
             raise
+        finally:
+            metrics.close()
         stopped_by = result.pop("stopped_by")
         summary = {
             "model_path": str(out_dir),
@@ -285,7 +290,7 @@ def _train(cfg: Config, dist: Dist, device: torch.device, *, force: bool, quiet:
             summary["final_val_accuracy"] = result["final"]["val_accuracy"]
         if t.task == "sft":
             summary["examples"] = sft_stats
-        if dist.is_main:
+        if dist.is_main and "png" in t.loggers:
             with contextlib.suppress(Exception):  # a picture is not worth failing a finished run for
                 plot_loss(out_dir / METRICS_FILE, out_dir / LOSS_PLOT)
             status.update(status="finished", step=counters["step"], summary=summary)

@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import logging
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -17,7 +16,7 @@ from llmctl.core.device import (
     Dist,
     derived_seed,
 )
-from llmctl.core.files import sha256_bytes, sha256_file
+from llmctl.core.files import sha256_bytes
 from llmctl.core.scoring import pad_right
 from llmctl.errors import ConfigError
 from llmctl.train.step import barrier
@@ -166,6 +165,7 @@ def load_token_data(cfg: Config, dist: Dist, quiet: bool) -> tuple[TokenData | N
 def load_labeled(cfg: Config) -> tuple[list, str]:
     """The labeled examples of data.inputs (JSONL or TSV) and a hash of what shaped them."""
     from llmctl.core.inputs import read_labeled
+    from llmctl.core.records import provenance
 
     if not cfg.data.inputs:
         raise ConfigError("data.inputs: train.task classification needs a labeled file (JSONL or TSV: text, label)")
@@ -174,7 +174,7 @@ def load_labeled(cfg: Config) -> tuple[list, str]:
         if path == "-":
             raise ConfigError("data.inputs: classification reads labeled files, not stdin")
         examples += read_labeled(path, cfg.data.text_field, cfg.data.label_field)
-        digest.append(sha256_file(Path(path)))
+        digest.append(provenance(path)["sha256"])  # a file's SHA-256; a hub dataset's name, split and revision
     shape = json.dumps([digest, cfg.data.text_field, cfg.data.label_field, cfg.data.val_fraction])
     return examples, sha256_bytes(shape.encode())
 

@@ -42,7 +42,7 @@ LOCK_FILE = ".lock"
 
 # Settings that do not change the weights a run produces: a checkpoint may be resumed with other values.
 _FREE_TRAIN_KEYS = {"resume", "keep_checkpoints", "log_interval", "eval_interval", "eval_batches",
-                    "checkpoint_interval", "compile", "max_time"}
+                    "checkpoint_interval", "compile", "max_time", "loggers"}
 
 
 def run_identity(cfg: Config) -> dict[str, Any]:
@@ -183,23 +183,40 @@ def run_lock(out_dir: Path, enabled: bool) -> Iterator[None]:
 
 
 class MetricsLog:
-    """metrics.jsonl: one JSON object per logged step, flushed at once (tail -f works; a kill loses nothing)."""
+    """metrics.jsonl: one JSON object per logged step, flushed at once (tail -f works; a kill loses nothing). The
+    same records go to the trackers named in train.loggers (llmctl.core.trackers)."""
 
-    def __init__(self, path: Path, enabled: bool, keep_until: int | None):
+    def __init__(self, path: Path, enabled: bool, keep_until: int | None, loggers: list[str] = (),
+                 config: dict[str, Any] | None = None):
         self.path = path
         self.enabled = enabled
+        self.trackers = None
         if not enabled:
             return
+        logged_until = 0
         if keep_until is None:
             atomic_write_text(path, "")
         else:  # resuming: drop the lines of steps that will be redone
-            kept = [line for line in read_jsonl(path) if line.get("step", 0) <= keep_until]
+            old = read_jsonl(path)
+            logged_until = max((line.get("step", 0) for line in old), default=0)
+            kept = [line for line in old if line.get("step", 0) <= keep_until]
             atomic_write_text(path, "".join(json.dumps(r) + "\n" for r in kept))
+        if any(name not in ("jsonl", "png") for name in loggers):
+            from llmctl.core.trackers import Trackers
+
+            self.trackers = Trackers(list(loggers), path.parent, config or {}, keep_until, logged_until)
 
     def write(self, record: dict[str, Any]) -> None:
         if self.enabled:
             with writing(self.path, hint="; the checkpoints are intact"), open(self.path, "a") as f:
                 f.write(json.dumps(record) + "\n")
+            if self.trackers is not None:
+                self.trackers.log(record)
+
+    def close(self) -> None:
+        if self.trackers is not None:
+            self.trackers.close()
+            self.trackers = None
 
 
 def read_jsonl(path: Path) -> list[dict]:

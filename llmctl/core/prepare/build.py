@@ -95,7 +95,7 @@ def prepare(cfg: Config, *, force: bool = False, quiet: bool = False) -> dict[st
     """
     data_dir = Path(cfg.data.dir)
     _check_output_dir(data_dir)
-    sources = expand_inputs(cfg.data.inputs, cfg.data.glob, cfg.data.format)
+    sources = expand_inputs(cfg.data.inputs, cfg.data.glob, cfg.data.format, cfg.data.text_field)
     config_hash = config_sha256(cfg)
     if not force and not any(s.kind == "stdin" for s in sources) and (data_dir / META).exists():
         hash_sources(sources)
@@ -445,7 +445,7 @@ def filter_text(cfg: Config, *, quiet: bool = False) -> Iterator[str]:
     """Clean the inputs (stdin by default) and yield the text as it is ready: the first documents come out while
     the input is still arriving, and memory stays flat. Tokenizer settings are ignored: this writes text."""
     dc = cfg.data
-    sources = expand_inputs(dc.inputs, dc.glob, dc.format)
+    sources = expand_inputs(dc.inputs, dc.glob, dc.format, dc.text_field)
     streaming = any(s.kind == "stdin" for s in sources)
     chunks = read_chunks(sources, dc.documents, dc.chunk_bytes, streaming=streaming, stats=(read := ReadStats()))
     chunks, punkt, notes = _nlp_setup(cfg, chunks)

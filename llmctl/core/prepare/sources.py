@@ -1,9 +1,11 @@
 """Finding the inputs and reading them as byte chunks cut at document boundaries.
 
-An input spec is a file, a directory (searched recursively with `data.glob`), a shell pattern, `-` for stdin, or
-`stdlib:pydoc-topics`. Reading never decodes: it cuts the raw bytes into chunks of about `chunk_bytes`, each ending
-at a document boundary, so that workers can clean and encode chunks independently and in any order. A document
-larger than a chunk (a huge file with `documents: file`, a line without end) is cut into pieces at line boundaries;
+An input spec is a file, a directory (searched recursively with `data.glob`), a shell pattern, `-` for stdin,
+`stdlib:pydoc-topics`, or a record input read through llmctl.core.records (Parquet, CSV/TSV, a `save_to_disk`
+directory, `hf:NAME[:CONFIG][@SPLIT]`), whose `data.text_field` values are re-encoded as JSONL lines. Reading never
+decodes: it cuts the raw bytes into chunks of about `chunk_bytes`, each ending at a document boundary, so that
+workers can clean and encode chunks independently and in any order. A document larger than a chunk (a huge file
+with `documents: file`, a line without end) is cut into pieces at line boundaries;
 the chunk flags `cont` and `open` tell the writer that its first/last document continues across chunks.
 """
 
@@ -25,6 +27,7 @@ from typing import IO
 from llmctl.core.faults import reading
 from llmctl.core.files import sha256_file
 from llmctl.core.inputs import STDIN, input_format, open_binary
+from llmctl.core.records import HF_PREFIX, iter_texts, parquet_row_groups, provenance, record_format
 from llmctl.errors import DataError
 
 PYDOC_TOPICS = "stdlib:pydoc-topics"
@@ -33,6 +36,8 @@ BUILTINS = (PYDOC_TOPICS,)
 # A paragraph break: a line end, then one or more blank (whitespace-only) lines. Bytes, before decoding: CRLF and
 # lone CR count as line ends too.
 _PARAGRAPH_BREAK = re.compile(rb"(?:\r?\n|\r)(?:[ \t]*(?:\r?\n|\r))+")
+# A blank line inside a record's text (CR line ends are checked for apart: this pattern stays cheap to search).
+_BLANK_LINE = re.compile(r"\n[ \t]*\n")
 # The end of a sentence at the end of a line: . ! ? or an ellipsis, then closing quotes or brackets, then spaces.
 _SENTENCE_END = re.compile(rb"(?:[.!?]|\xe2\x80\xa6)(?:[\"')\]]|\xe2\x80[\x99\x9d]|\xc2\xbb)*[ \t\r]*$")
 
@@ -44,7 +49,7 @@ class Source:
     name: str
     """What messages and meta.json call it: the path as given or found, `<stdin>`, or the built-in's spec."""
     kind: str
-    """`file`, `stdin` or `builtin`."""
+    """`file`, `stdin`, `builtin`, or `records` (Parquet, CSV/TSV, datasets: read through llmctl.core.records)."""
     format: str
     """`txt` or `jsonl`."""
     path: Path | None = None
@@ -54,17 +59,26 @@ class Source:
     """Of the bytes on disk (for stdin: of the bytes read, known once read)."""
     spool: Path | None = None
     """Stdin saved to a file, so that it can be read twice (tokenizer sample, then encoding)."""
+    field: str | None = None
+    """Records: the field (data.text_field) holding the text; `fmt` the record format given as data.format."""
+    fmt: str = "auto"
+    hub: dict | None = None
+    """A hub dataset's name, config, split and revision (its provenance, kept in meta.json)."""
 
     def record(self) -> dict:
         """The entry meta.json keeps for this input."""
-        return {"path": self.name, "size": self.size, "sha256": self.sha256}
+        return {"path": self.name, "size": self.size, "sha256": self.sha256, **(self.hub or {})}
 
 
-def expand_inputs(specs: list[str], globs: list[str], fmt: str) -> list[Source]:
+def expand_inputs(specs: list[str], globs: list[str], fmt: str, text_field: str = "text") -> list[Source]:
     """Turn `data.inputs` into the list of sources to read, in order. No spec means stdin."""
     sources: list[Source] = []
     for spec in specs or [STDIN]:
-        if spec == STDIN:
+        if spec.startswith(HF_PREFIX) or spec != STDIN and record_format(spec, fmt) == "dataset":
+            sources.append(_records(spec, fmt, text_field))
+        elif spec == STDIN:
+            if fmt in ("parquet", "csv", "tsv"):
+                raise DataError(f"data.format {fmt}: records are read from named files, not stdin; name the file")
             if any(s.kind == "stdin" for s in sources):
                 raise DataError("data.inputs: `-` (stdin) is given more than once")
             sources.append(Source("<stdin>", "stdin", "jsonl" if fmt == "jsonl" else "txt"))
@@ -73,7 +87,8 @@ def expand_inputs(specs: list[str], globs: list[str], fmt: str) -> list[Source]:
                 raise DataError(f"data.inputs: unknown built-in corpus {spec!r}; known: {', '.join(BUILTINS)}")
             sources.append(_builtin(spec))
         else:
-            sources += _expand_path(spec, globs, fmt)
+            sources += [_records(s.name, fmt, text_field) if _is_records(s.name, fmt) else s
+                        for s in _expand_path(spec, globs, fmt)]
     for source in sources:
         if source.kind == "file":
             source.size = source.path.stat().st_size
@@ -98,6 +113,18 @@ def _expand_path(spec: str, globs: list[str], fmt: str) -> list[Source]:
             raise DataError(f"{spec}: no file matches this pattern")
         return [Source(str(p), "file", input_format(p, fmt), p) for p in files]
     raise DataError(f"{spec}: no such file or directory")
+
+
+def _is_records(name: str, fmt: str) -> bool:
+    return record_format(name, fmt) in ("parquet", "csv", "tsv", "dataset")
+
+
+def _records(spec: str, fmt: str, text_field: str) -> Source:
+    """A record input: its provenance now (a hub dataset fails here at once when it cannot be had)."""
+    found = provenance(spec, fmt)
+    hub = {k: found[k] for k in ("dataset", "config", "split", "revision")} if "dataset" in found else None
+    path = None if hub else Path(spec)
+    return Source(spec, "records", "jsonl", path, found["size"], found["sha256"], field=text_field, fmt=fmt, hub=hub)
 
 
 def _hidden(path: Path, root: Path) -> bool:
@@ -157,9 +184,20 @@ class Chunk:
     """For a plain file: where the worker reads the chunk itself (`data` is then empty), which spares the main
     process from sending every byte of the corpus through a pipe."""
     offset: int = 0
+    row_groups: tuple[int, int] | None = None
+    """For a Parquet input: the row groups [start, end) whose `field` texts the worker reads itself (`line` is then
+    the number of their first row); `load` also settles `mode` (see `_record_chunk`)."""
+    field: str | None = None
 
     def load(self) -> bytes:
         """The chunk's bytes, wherever they are."""
+        if self.row_groups is not None:
+            from llmctl.core.records import parquet_texts
+
+            texts = parquet_texts(self.path, range(*self.row_groups), self.field, self.line)
+            self.data, self.mode = _encode_records(texts, self.field)
+            self.row_groups = None
+            return self.data
         if self.path is None:
             return self.data
         with open(self.path, "rb") as f:
@@ -208,6 +246,15 @@ def _source_chunks(source: Source, number: int, mode: str, chunk_bytes: int, str
     if source.kind == "builtin":
         yield from _cut(iter([_pydoc_topics_jsonl()]), source, number, mode, chunk_bytes, lambda: False)
         return
+    if source.kind == "records" and record_format(source.name, source.fmt) == "parquet":
+        groups = parquet_row_groups(source.name, source.field or "text")
+        if max((size for _, size in groups), default=0) <= 4 * chunk_bytes:
+            yield from _row_group_chunks(groups, number, source.name, source.field or "text", chunk_bytes)
+            return
+    if source.kind == "records":
+        yield from _record_chunks(iter_texts(source.name, source.field or "text", source.fmt), number,
+                                  source.field or "text", chunk_bytes)
+        return
     if source.kind == "stdin" and source.spool is None:
         counter = _CountingHasher()
         blocks = _read_blocks(open_binary(STDIN), chunk_bytes, counter)
@@ -236,6 +283,57 @@ def _source_chunks(source: Source, number: int, mode: str, chunk_bytes: int, str
         yield from _cut(blocks(), source, number, mode, chunk_bytes, lambda: False, plain)
         if hasher is not None:
             source.sha256 = hasher.hexdigest()
+
+
+def _row_group_chunks(groups: list[tuple[int, int]], number: int, path: str, field: str,
+                      chunk_bytes: int) -> Iterator[Chunk]:
+    """A Parquet file as chunks of whole row groups (about `chunk_bytes` each) that the workers read and decode
+    themselves, as they read plain files: the main process only hands out row-group numbers."""
+    start, row, first, size = 0, 1, 1, 0
+    for i, (rows, nbytes) in enumerate(groups):
+        size += nbytes
+        row += rows
+        if size >= chunk_bytes or i == len(groups) - 1:
+            yield Chunk(number, b"", "paragraph", line=first, nbytes=size, path=path, row_groups=(start, i + 1),
+                        field=field)
+            start, first, size = i + 1, row, 0
+
+
+def _encode_records(texts: list[str], field: str) -> tuple[bytes, str]:
+    """Texts, one document each, as chunk bytes and their mode: paragraphs (texts joined by blank lines: the
+    workers' fast path, as for a .txt file) when that splits back into the same documents, else JSONL lines
+    `{field: text}`, which keep any text whole."""
+    if _paragraph_safe(texts):
+        return ("\n\n".join(texts) + "\n").encode("utf-8", "surrogatepass"), "paragraph"
+    return "".join(json.dumps({field: t}, ensure_ascii=False) + "\n" for t in texts).encode("utf-8"), "jsonl"
+
+
+def _record_chunks(texts: Iterator[tuple[str, str]], number: int, field: str, chunk_bytes: int) -> Iterator[Chunk]:
+    """Records' texts, read here, as chunks of about `chunk_bytes`, one document per record."""
+    batch: list[str] = []
+    size = 0
+
+    def chunk() -> Chunk:
+        data, mode = _encode_records(batch, field)
+        return Chunk(number, data, mode, nbytes=len(data))
+
+    for _, text in texts:
+        batch.append(text)
+        size += len(text) + 2
+        if size >= chunk_bytes:
+            yield chunk()
+            batch, size = [], 0
+    if batch:
+        yield chunk()
+
+
+def _paragraph_safe(texts: list[str]) -> bool:
+    """Whether `texts` joined by blank lines split back into exactly these documents: none is blank, none begins
+    or ends with a line break, none holds a blank line or a CR."""
+    if any(not t.strip() or t[0] in "\r\n" or t[-1] in "\r\n" for t in texts):
+        return False
+    joined = "\x00".join(texts)
+    return "\r" not in joined and _BLANK_LINE.search(joined) is None
 
 
 def stdin_has_data() -> bool:
