@@ -48,7 +48,7 @@ def eval_answers(cfg: Config, name: str, device: torch.device, dtype: torch.dtyp
     if template is None and _has_messages(source, cfg):
         raise ConfigError(chat.missing_template_message(name))
     encoder = Encoder(tokenizer, template, cfg.sft, context + 1)
-    examples = read_examples([source], encoder)
+    examples = read_examples([source], encoder, cfg.data.format)
     objective = SFTObjective(model).eval()
     pairs = list(examples_iter(examples))
     order = sorted(range(len(pairs)), key=lambda i: -len(pairs[i][0]))  # similar lengths together: less padding
@@ -79,15 +79,17 @@ def eval_answers(cfg: Config, name: str, device: torch.device, dtype: torch.dtyp
 def eval_generation(cfg: Config, name: str, device: torch.device, dtype: torch.dtype, quiet: bool) -> dict[str, Any]:
     """Greedy answers of model `name` to the prompts of eval.input, scored against the references."""
     from llmctl.core.decode import Decoder, Finished, Request, SamplingParams
-    from llmctl.core.inputs import display_name, iter_jsonl
 
     ec = cfg.eval
     check_gates(ec.fail_under, ec.fail_over, GENERATION_METRICS)
     source = _input(cfg)
     model, tokenizer, template = _load(cfg, name, device, dtype)
+    from llmctl.core.records import iter_records
+
+    s = cfg.sft
     items = []
-    for number, obj in iter_jsonl(source):
-        where = f"{display_name(source)}:{number}"
+    for where, obj in iter_records(source, cfg.data.format, optional=[s.prompt_field, s.completion_field,
+                                                                      s.messages_field]):
         items.append((where, *_prompt_and_reference(obj, where, cfg)))
     if not items:
         raise DataError(f"{source}: no examples (the file is empty)")
@@ -192,7 +194,7 @@ def _load(cfg: Config, name: str, device, dtype):
 def _has_messages(source: str, cfg: Config) -> bool:
     from llmctl.core.sft import uses_messages
 
-    return uses_messages([source], cfg.sft)
+    return uses_messages([source], cfg.sft, cfg.data.format)
 
 
 def _settings(device, dtype, **extra: Any) -> dict[str, Any]:

@@ -266,3 +266,19 @@ def test_sft_two_gloo_processes_match_one_process(tmp_path, data):
             if key in a:
                 assert b[key] == pytest.approx(a[key], rel=1e-5, abs=1e-6), (a, b)
     assert [r["tokens"] for r in one if "tokens" in r] == [r["tokens"] for r in two if "tokens" in r]
+
+
+def test_sft_reads_parquet_as_it_reads_jsonl(tmp_path, data):
+    """The same examples as a Parquet table (messages as a list of structs) train to the same weights."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    rows = [json.loads(line) for line in data["chat"].read_text().splitlines()]
+    table = tmp_path / "chat.parquet"
+    pq.write_table(pa.Table.from_pylist(rows), table, row_group_size=16)
+    train = {"max_steps": 6}
+    a = train_run(sft_config(tmp_path / "jsonl", [data["chat"]], train=train))
+    b = train_run(sft_config(tmp_path / "parquet", [table], train=train))
+    assert a["examples"] == b["examples"] and a["final_val_loss"] == b["final_val_loss"]
+    wa, wb = weights(tmp_path / "jsonl"), weights(tmp_path / "parquet")
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)

@@ -152,16 +152,12 @@ class Encoder:
         return None
 
 
-def read_examples(paths: list[str], encoder: Encoder) -> list[Example]:
-    """Every example of the JSONL files `paths`, tokenized; a DataError naming file:line for a bad one, or when
-    nothing is left."""
-    from llmctl.core.inputs import display_name, iter_jsonl
-
+def read_examples(paths: list[str], encoder: Encoder, fmt: str = "auto") -> list[Example]:
+    """Every example of the inputs `paths` (JSONL, Parquet, CSV/TSV, datasets: llmctl.core.records), tokenized; a
+    DataError naming file:line (or row) for a bad one, or when nothing is left."""
     examples = []
     for path in paths:
-        name = display_name(path)
-        for number, obj in iter_jsonl(path):
-            where = f"{name}:{number}"
+        for where, obj in _records(path, encoder.sft, fmt):
             if not isinstance(obj, dict):
                 raise DataError(f"{where}: expected a JSON object, not {type(obj).__name__}")
             example = encoder.encode(obj, where)
@@ -198,12 +194,16 @@ def prepare_tokenizer(tokenizer, setting: str, source: str, needs_template: bool
     return template
 
 
-def uses_messages(paths: list[str], sft) -> bool:
-    """Whether the first example of the data is a conversation (and so needs a template)."""
-    from llmctl.core.inputs import iter_jsonl
+def _records(path: str, sft, fmt: str):
+    from llmctl.core.records import iter_records
 
+    return iter_records(path, fmt, optional=[sft.prompt_field, sft.completion_field, sft.messages_field])
+
+
+def uses_messages(paths: list[str], sft, fmt: str = "auto") -> bool:
+    """Whether the first example of the data is a conversation (and so needs a template)."""
     for path in paths:
-        for _, obj in iter_jsonl(path):
+        for _, obj in _records(path, sft, fmt):
             return isinstance(obj, dict) and (
                 sft.messages_field in obj or isinstance(obj.get(sft.prompt_field), list)
             )

@@ -156,8 +156,8 @@ def _train(cfg: Config, dist: Dist, device: torch.device, *, force: bool, quiet:
 
         tokenizer, source = fine_tune_tokenizer(cfg)
         own_size = len(tokenizer)
-        needs_template = bool(cfg.data.inputs) and "-" not in cfg.data.inputs and uses_messages(cfg.data.inputs,
-                                                                                                cfg.sft)
+        needs_template = bool(cfg.data.inputs) and "-" not in cfg.data.inputs and uses_messages(
+            cfg.data.inputs, cfg.sft, cfg.data.format)
         template = prepare_tokenizer(tokenizer, cfg.sft.chat_template, source, needs_template)
         hf_model = sft_model(cfg, tokenizer, own_size)
         hf_model = apply_lora(hf_model, cfg, t.task, new_tokens=list(range(own_size, len(tokenizer))))

@@ -13,7 +13,6 @@ from __future__ import annotations
 import json
 import logging
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -21,7 +20,8 @@ import torch
 
 from llmctl.config import Config
 from llmctl.core.device import derived_seed
-from llmctl.core.files import sha256_bytes, sha256_file
+from llmctl.core.files import sha256_bytes
+from llmctl.core.records import provenance
 from llmctl.core.sft import Encoder, Example, collate, examples_iter, read_examples
 from llmctl.errors import ConfigError
 
@@ -156,19 +156,20 @@ def load_sft(cfg: Config, tokenizer, template, context: int, global_batch: int) 
     if not cfg.data.inputs:
         raise ConfigError("data.inputs: train.task sft needs JSONL files of prompt/completion or messages examples")
     if "-" in cfg.data.inputs:
-        raise ConfigError("data.inputs: sft reads JSONL files, not stdin (epochs read the data more than once)")
+        raise ConfigError("data.inputs: sft reads files or datasets, not stdin (epochs read the data more than once)")
     encoder = Encoder(tokenizer, template, s, context + 1)
-    examples = read_examples(cfg.data.inputs, encoder)
+    examples = read_examples(cfg.data.inputs, encoder, cfg.data.format)
     if s.validation:
         val_encoder = Encoder(tokenizer, template, s, context + 1)
-        val = read_examples([s.validation], val_encoder)
+        val = read_examples([s.validation], val_encoder, cfg.data.format)
         train = examples
     else:
         train, val = split_labeled(examples, cfg.data.val_fraction, cfg.run.seed)
     if not train:
         raise ConfigError("data.val_fraction: leaves no training example; lower it or add data")
     files = [*cfg.data.inputs, *([s.validation] if s.validation else [])]
-    shape = json.dumps([[sha256_file(Path(p)) for p in files], _shaping(cfg), template.source if template else None,
+    digests = [provenance(p, cfg.data.format)["sha256"] for p in files]
+    shape = json.dumps([digests, _shaping(cfg), template.source if template else None,
                         len(tokenizer), cfg.data.val_fraction])
     data = SftData(train, val, context, s.packing, cfg.run.seed, global_batch, s.group_by_length)
     stats = encoder.stats.as_dict()
