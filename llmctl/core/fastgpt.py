@@ -106,7 +106,7 @@ def lean_gpt2_hidden(model: nn.Module, idx: torch.Tensor, position_ids: torch.Te
         if examples is None:
             y = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout, is_causal=True).transpose(1, 2)
         else:
-            y = packing.attend(q, k, v, *examples, dropout=dropout)  # (B, T, nh, hs)
+            y = packing.attend(q, k, v, examples, dropout=dropout)  # (B, T, nh, hs)
         y = y.reshape(B * T, C)  # (B*T, C)
         x = x + F.dropout(_project(attn.c_proj, y), config.resid_pdrop, train).view(B, T, C)
         h = F.layer_norm(x, (C,), block.ln_2.weight, block.ln_2.bias, eps).view(B * T, C)

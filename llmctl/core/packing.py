@@ -22,38 +22,48 @@ import torch.nn.functional as F
 NAME = "llmctl_packed"
 
 
-def segments(position_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """For rows (B, T) whose positions restart at 0 where an example starts: `index` (N, L) of each example's tokens
-    in the flattened rows (padded with 0 past its end) and `valid` (N, L), for N examples of at most L tokens."""
+BUCKET = 8
+"""Examples attended together: sorted by length and taken this many at a time, each group padded only to its own
+longest, so that attention costs about the sum of the examples' squared lengths (one group padded to the longest
+example of the batch cost up to 3x that on data whose lengths vary 10x)."""
+
+
+def segments(position_ids: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """For rows (B, T) whose positions restart at 0 where an example starts: groups of examples of similar length,
+    each as `index` (n, L), its examples' token positions in the flattened rows (0 past an example's end), and
+    `valid` (n, L)."""
     flat = position_ids.reshape(-1)
     starts = (flat == 0).nonzero().squeeze(1)  # (N,): every row starts an example at position 0
     ends = torch.cat([starts[1:], starts.new_tensor([flat.numel()])])
     lengths = ends - starts
-    offsets = torch.arange(int(lengths.max()), device=flat.device)  # (L,)
-    valid = offsets[None, :] < lengths[:, None]  # (N, L)
-    index = torch.where(valid, starts[:, None] + offsets[None, :], 0)
-    return index, valid
+    order = torch.argsort(lengths, descending=True, stable=True)
+    groups = []
+    for first in range(0, len(order), BUCKET):
+        pick = order[first : first + BUCKET]
+        offsets = torch.arange(int(lengths[pick[0]]), device=flat.device)  # (L,): the group's longest first
+        valid = offsets[None, :] < lengths[pick, None]  # (n, L)
+        groups.append((torch.where(valid, starts[pick, None] + offsets[None, :], 0), valid))
+    return groups
 
 
-def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, index: torch.Tensor, valid: torch.Tensor,
+def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, groups: list[tuple[torch.Tensor, torch.Tensor]],
            dropout: float = 0.0, scale: float | None = None) -> torch.Tensor:
     """Causal attention within each example: q (B, H, T, D), k and v (B, Hkv, T, D) -> (B, T, H, D)."""
     B, H, T, D = q.shape
-
-    def gather(x: torch.Tensor) -> torch.Tensor:  # (B, h, T, D) -> (N, h, L, D)
-        return x.transpose(1, 2).reshape(B * T, x.shape[1], D)[index].transpose(1, 2)
-
-    out = F.scaled_dot_product_attention(gather(q), gather(k), gather(v), dropout_p=dropout, is_causal=True,
-                                         scale=scale, enable_gqa=k.shape[1] != H)  # (N, H, L, D)
-    flat = out.new_zeros(B * T, H, D)
-    flat[index[valid]] = out.transpose(1, 2)[valid]  # (n_tokens, H, D)
+    qf, kf, vf = (x.transpose(1, 2).reshape(B * T, x.shape[1], D) for x in (q, k, v))  # (B*T, h, D)
+    flat = q.new_zeros(B * T, H, D)
+    for index, valid in groups:
+        out = F.scaled_dot_product_attention(qf[index].transpose(1, 2), kf[index].transpose(1, 2),
+                                             vf[index].transpose(1, 2), dropout_p=dropout, is_causal=True,
+                                             scale=scale, enable_gqa=k.shape[1] != H)  # (n, H, L, D)
+        flat[index[valid]] = out.transpose(1, 2)[valid]  # (tokens, H, D) into place
     return flat.view(B, T, H, D)
 
 
-_cache: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
+_cache: dict[tuple, list[tuple[torch.Tensor, torch.Tensor]]] = {}
 
 
-def _segments_cached(position_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def _segments_cached(position_ids: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """The same position_ids tensor reaches every layer: find its segments once per forward."""
     key = (position_ids.data_ptr(), tuple(position_ids.shape), position_ids._version)
     if key not in _cache:
@@ -72,8 +82,7 @@ def packed_attention(module, query, key, value, attention_mask, dropout: float =
                                       **kwargs)
     if position_ids.shape[0] != query.shape[0]:
         position_ids = position_ids.expand(query.shape[0], -1)
-    index, valid = _segments_cached(position_ids)
-    return attend(query, key, value, index, valid, dropout, scaling), None
+    return attend(query, key, value, _segments_cached(position_ids), dropout, scaling), None
 
 
 def register() -> None:
