@@ -58,6 +58,7 @@ MARKERS: dict[str, tuple[str, ...]] = {
 split, never produced by user text that merely looks like them... unless it spells them exactly)."""
 
 _SENTINEL = "\u2063llmctl-answer\u2063"
+MAX_TEMPLATE_BYTES = 1 << 20
 
 
 @dataclass(frozen=True)
@@ -86,10 +87,12 @@ def resolve_template(setting: str, tokenizer, key: str = "sft.chat_template") ->
         return Template(setting, "config")
     path = Path(setting).expanduser()
     if path.is_file():
-        try:
-            return Template(path.read_text(encoding="utf-8"), str(path))
-        except (OSError, UnicodeDecodeError) as exc:
-            raise ConfigError(f"{key}: cannot read template file {path}: {exc}") from None
+        from llmctl.core.inputs import read_text
+
+        try:  # bounded, and its errors name the file (a template is a few KB; 1 MiB is plenty)
+            return Template(read_text(path, limit=MAX_TEMPLATE_BYTES), str(path))
+        except DataError as exc:
+            raise ConfigError(f"{key}: {exc}") from None
     raise ConfigError(
         f"{key}: {setting!r} is neither a built-in template ({', '.join(BUILTIN)}), a template file, nor a Jinja "
         "template; use auto for the tokenizer's own"
