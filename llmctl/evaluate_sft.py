@@ -84,12 +84,10 @@ def eval_generation(cfg: Config, name: str, device: torch.device, dtype: torch.d
     check_gates(ec.fail_under, ec.fail_over, GENERATION_METRICS)
     source = _input(cfg)
     model, tokenizer, template = _load(cfg, name, device, dtype)
-    from llmctl.core.records import iter_records
+    from llmctl.core.sft import records_of
 
-    s = cfg.sft
     items = []
-    for where, obj in iter_records(source, cfg.data.format, optional=[s.prompt_field, s.completion_field,
-                                                                      s.messages_field]):
+    for where, obj in records_of(source, cfg.sft, cfg.data.format):
         items.append((where, *_prompt_and_reference(obj, where, cfg)))
     if not items:
         raise DataError(f"{source}: no examples (the file is empty)")

@@ -157,7 +157,7 @@ def read_examples(paths: list[str], encoder: Encoder, fmt: str = "auto") -> list
     DataError naming file:line (or row) for a bad one, or when nothing is left."""
     examples = []
     for path in paths:
-        for where, obj in _records(path, encoder.sft, fmt):
+        for where, obj in records_of(path, encoder.sft, fmt):
             if not isinstance(obj, dict):
                 raise DataError(f"{where}: expected a JSON object, not {type(obj).__name__}")
             example = encoder.encode(obj, where)
@@ -194,16 +194,20 @@ def prepare_tokenizer(tokenizer, setting: str, source: str, needs_template: bool
     return template
 
 
-def _records(path: str, sft, fmt: str):
-    from llmctl.core.records import iter_records
+def records_of(path: str, sft, fmt: str = "auto"):
+    """(where, record) of an instruction-data input (llmctl.core.records); a file whose name says no format is read
+    as JSONL, the shape instruction data comes in."""
+    from llmctl.core.records import iter_records, record_format
 
+    if record_format(path, fmt) == "txt":
+        fmt = "jsonl"
     return iter_records(path, fmt, optional=[sft.prompt_field, sft.completion_field, sft.messages_field])
 
 
 def uses_messages(paths: list[str], sft, fmt: str = "auto") -> bool:
     """Whether the first example of the data is a conversation (and so needs a template)."""
     for path in paths:
-        for _, obj in _records(path, sft, fmt):
+        for _, obj in records_of(path, sft, fmt):
             return isinstance(obj, dict) and (
                 sft.messages_field in obj or isinstance(obj.get(sft.prompt_field), list)
             )
