@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any
 from llmctl.core import chat
 from llmctl.core.metrics import check_gates, lm_metrics
 from llmctl.errors import ConfigError, DataError
+from llmctl.evaluate import SCHEMA, _settings  # this is the eval command's own module; evaluate imports it lazily
 
 if TYPE_CHECKING:
     import torch
@@ -27,7 +28,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-SCHEMA = 1
 SFT_METRICS = ("loss", "perplexity", "tokens", "examples")
 GENERATION_METRICS = ("exact_match", "normalized_match", "examples")
 
@@ -182,9 +182,7 @@ def _load(cfg: Config, name: str, device, dtype):
     from llmctl.core.model import load_model, load_tokenizer
 
     tokenizer = load_tokenizer(name, trust_remote_code=cfg.run.trust_remote_code)
-    template = chat.resolve_template("auto", tokenizer)
-    if template is None and cfg.sft.chat_template not in ("auto", "none"):
-        template = chat.resolve_template(cfg.sft.chat_template, tokenizer)
+    template = chat.model_template(tokenizer, cfg.sft.chat_template)
     model = load_model(name, dtype=dtype, trust_remote_code=cfg.run.trust_remote_code).to(device).eval()
     return model, tokenizer, template
 
@@ -194,6 +192,3 @@ def _has_messages(source: str, cfg: Config) -> bool:
 
     return uses_messages([source], cfg.sft, cfg.data.format)
 
-
-def _settings(device, dtype, **extra: Any) -> dict[str, Any]:
-    return {**extra, "device": str(device), "dtype": str(dtype).removeprefix("torch.")}

@@ -99,6 +99,15 @@ def resolve_template(setting: str, tokenizer, key: str = "sft.chat_template") ->
     )
 
 
+def model_template(tokenizer, configured: str = "auto") -> Template | None:
+    """The template a model is used with: its tokenizer's own, else the one `configured` (sft.chat_template)
+    names; None when neither gives one."""
+    template = resolve_template("auto", tokenizer)
+    if template is None and configured not in ("auto", "none"):
+        template = resolve_template(configured, tokenizer)
+    return template
+
+
 def missing_template_message(tokenizer_name: str, key: str = "sft.chat_template") -> str:
     return (
         f"the tokenizer of {tokenizer_name} has no chat template; set {key} to one of {', '.join(BUILTIN)}, a "
@@ -231,9 +240,7 @@ class Prompter:
     @classmethod
     def of(cls, tokenizer, name: str, system: str | None, configured: str = "auto", key: str = "generate.chat"):
         """The model's own template, else the one `configured` (sft.chat_template) names; a ConfigError when none."""
-        template = resolve_template("auto", tokenizer)
-        if template is None and configured not in ("auto", "none"):
-            template = resolve_template(configured, tokenizer)
+        template = model_template(tokenizer, configured)
         if template is None:
             raise ConfigError(
                 f"{key}: model {name} has no chat template (fine-tune it with train.task: sft, or set "

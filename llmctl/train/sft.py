@@ -44,12 +44,14 @@ class SftData:
     group_by_length: bool = True
     _inputs: list[tuple[np.ndarray, np.ndarray]] = field(default_factory=list, repr=False)
     _val_inputs: list[tuple[np.ndarray, np.ndarray]] = field(default_factory=list, repr=False)
+    _n_targets: list[int] = field(default_factory=list, repr=False)
     _epochs: dict[int, list[tuple[int, ...]]] = field(default_factory=dict, repr=False)
     _starts: list[int] = field(default_factory=lambda: [0], repr=False)
 
     def __post_init__(self) -> None:
         self._inputs = list(examples_iter(self.train))
         self._val_inputs = list(examples_iter(self.val))
+        self._n_targets = [e.targets for e in self.train]  # counted once, not every step
 
     # --- what the loop asks of any data ---------------------------------------------------------------------
     @property
@@ -91,7 +93,7 @@ class SftData:
 
     # --- epochs --------------------------------------------------------------------------------------------
     def _targets(self, rows: list[tuple[int, ...]]) -> int:
-        return sum(int((self._inputs[i][1] != -100).sum()) for row in rows for i in row)
+        return sum(self._n_targets[i] for row in rows for i in row)
 
     def _epoch_of(self, pos: int) -> int:
         while pos >= self._starts[-1] + len(self._epoch(len(self._starts) - 1)):
