@@ -10,7 +10,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from llmctl.core.decode.layout import _aligned, _augmented, _row_stable_layout
+from llmctl.core.decode.layout import _aligned, _attention_keeps_row_bits, _augmented, _row_stable_layout
 from llmctl.core.decode.script import _scripted
 
 log = logging.getLogger(__name__)
@@ -198,7 +198,10 @@ class GPT2Forward:
         return max(batch, self.MIN_ROWS) if self.invariant else batch
 
     def _arrange(self) -> None:
-        self.groups = [list(run) for run in _runs(self.starts)]
+        # rows of equal length share attention calls where that keeps their bits (see `_attention_keeps_row_bits`)
+        shared = not self.invariant or _attention_keeps_row_bits(self.n_head, self.head_dim, self.wte.dtype,
+                                                                 torch.get_num_threads())
+        self.groups = [list(run) for run in _runs(self.starts, shared)]
         self.start_columns = torch.tensor(self.starts, device=self.kv.device)  # (B,): a row's position is t - start
         self.lists = None  # the step's list arguments, packed at the next step (see `_pack`)
         # Per layer and group, the queries, keys and values of the group's rows as (b, H, T, D) views of the cache:
@@ -222,8 +225,13 @@ class GPT2Forward:
                        for w, h in zip(self.blocks, hidden.unbind(0))]
 
     def _with_ones(self, *shape: int) -> torch.Tensor:
-        """An input buffer for an augmented product (see `_augmented`): `shape` with one more last column, of ones."""
-        buffer = self.wte.new_empty((*shape[:-1], shape[-1] + 1))
+        """An input buffer for an augmented product (see `_augmented`): `shape` with one more last column, of ones.
+        Its rows start on 64-byte boundaries (padded): where a row of a product's output or input started elsewhere,
+        MKL rounded two equal rows of one product differently (AMD EPYC, measured), and a row's bits then depended
+        on its place in the batch."""
+        width = shape[-1] + 1
+        padded = -(-width * self.wte.element_size() // 64) * 64 // self.wte.element_size()
+        buffer = self.wte.new_zeros((*shape[:-1], padded))[..., :width]
         buffer[..., -1] = 1
         return buffer
 
@@ -376,11 +384,12 @@ def _activation_name(act) -> str | None:
     return None
 
 
-def _runs(starts: list[int]) -> list[tuple[int, int, int]]:
-    """(first row, end row, start) for each run of consecutive rows with the same start column."""
+def _runs(starts: list[int], shared: bool = True) -> list[tuple[int, int, int]]:
+    """(first row, end row, start) for each run of consecutive rows with the same start column (each row on its own
+    where not `shared`)."""
     runs, lo = [], 0
     for i in range(1, len(starts) + 1):
-        if i == len(starts) or starts[i] != starts[lo]:
+        if i == len(starts) or not shared or starts[i] != starts[lo]:
             runs.append((lo, i, starts[lo]))
             lo = i
     return runs

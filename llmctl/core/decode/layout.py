@@ -100,3 +100,22 @@ def _noise(numel: int, dtype: torch.dtype) -> torch.Tensor:
 
 
 _NOISE = torch.empty(0)
+
+
+@functools.cache
+def _attention_keeps_row_bits(heads: int, head_dim: int, dtype: torch.dtype, threads: int) -> bool:
+    """Whether one attention call over several rows (a query each, as a decode step makes them, over the same number
+    of keys) gives each row the bits it gets alone. Where it does not (torch's CPU kernel on an AMD EPYC, measured),
+    rows of equal length get an attention call each. Tried at a few key counts, on views of a cache-like layout."""
+    rows, lengths = 4, (1, 7, 40, 300)
+    noise = _noise(rows * max(lengths) * 3 * heads * head_dim, dtype)
+    cache = noise.view(rows, max(lengths), 3, heads, head_dim)  # (R, T, 3, H, D), as the decode cache holds them
+    q, k, v = (part.transpose(1, 2) for part in cache.unbind(2))  # (R, H, T, D) each
+    for length in lengths:
+        args = q.narrow(2, length - 1, 1), k.narrow(2, 0, length), v.narrow(2, 0, length)
+        together = torch.nn.functional.scaled_dot_product_attention(*args)
+        for row in range(rows):
+            alone = torch.nn.functional.scaled_dot_product_attention(*(a[row:row + 1] for a in args))
+            if not torch.equal(alone[0], together[row]):
+                return False
+    return True
