@@ -509,6 +509,10 @@ class GenerateConfig:
     """Completions per prompt."""
     batch_size: int = 8
     """Prompts decoded together."""
+    continuous: bool = True
+    """Continuous batching: when a completion ends, the next prompt takes its row at once instead of waiting for
+    the whole batch (on the lean GPT-2 and Llama paths; the generic path decodes batch after batch). Output is the
+    same bytes either way; false decodes static batches (for comparison)."""
     seed: int | None = None
     """Sampling seed; unset uses run.seed. Each prompt's randomness derives from it and the prompt's position
     (or its JSONL `id`), so outputs do not depend on batching."""

@@ -17,7 +17,7 @@ import queue
 import sys
 import threading
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -90,12 +90,16 @@ def run(cfg: Config, *, quiet: bool = False) -> Iterator[str | dict]:
     stats = _Stats()
     seed = g.seed if g.seed is not None else cfg.run.seed
     start = time.perf_counter()
-    for batch in _batches(_read_prompts(g, stats, quiet), g.batch_size):
-        requests, meta = _requests(batch, g, seed, tokenizer, decoder, stats, chat)
-        if g.output_format == "jsonl":
-            yield from _records(decoder.generate(requests), meta, stats)
-        else:
-            yield from _text(decoder.generate(requests), meta, g.echo, stats)
+    source = _Source(_read_prompts(g, stats, quiet), lambda batch: _requests(batch, g, seed, tokenizer, decoder,
+                                                                             stats, chat))
+    # static batches: a batch takes prompts once the last one has ended (as the generic path always does)
+    events = decoder.stream(source, g.batch_size) if g.continuous else _static(decoder, source, g.batch_size)
+    if g.output_format == "jsonl":
+        yield from _records(events, source.meta, stats)
+    else:
+        yield from _text(events, source.meta, g.echo, stats)
+    if source.failure is not None:
+        raise source.failure
     _summary(stats, time.perf_counter() - start)
     if decoder.guesses:
         log.debug("speculation: %d of %d guessed tokens were right", decoder.right_guesses, decoder.guesses)
@@ -280,37 +284,68 @@ class _Prefetch:
     def get(self, timeout: float | None = None):
         return self.queue.get(timeout=timeout)
 
+    def get_nowait(self):
+        return self.queue.get_nowait()
 
-def _batches(prompts: Iterable[Prompt], size: int) -> Iterator[list[Prompt]]:
-    """Batches of up to `size` prompts, in order; from a `_Prefetch`, whatever arrives within LINGER_S."""
-    if not isinstance(prompts, _Prefetch):
-        batch: list[Prompt] = []
-        for prompt in prompts:
-            batch.append(prompt)
-            if len(batch) == size:
-                yield batch
-                batch = []
-        if batch:
-            yield batch
-        return
-    while True:
-        item = prompts.get()
-        batch, deadline = [], time.monotonic() + LINGER_S
-        while True:
-            if item is _END or isinstance(item, _Failure):
-                if batch:
-                    yield batch
-                if isinstance(item, _Failure):
-                    raise item.exc
-                return
-            batch.append(item)
-            if len(batch) == size:
+
+class _Source:
+    """The decoder's requests (`RequestSource`), made from prompts as they arrive: up to n at a time, those read
+    so far, or with `wait` whatever arrives within LINGER_S of the first. Each batch of prompts is tokenized
+    together; `meta` describes every request taken, in order. An input error ends the source (the prompts before
+    it still complete) and is kept in `failure`."""
+
+    def __init__(self, prompts: Iterable[Prompt], make: Callable[[list[Prompt]], tuple[list, list]]):
+        self.prompts = prompts if isinstance(prompts, _Prefetch) else iter(prompts)
+        self.make = make
+        self.meta: list[_Meta] = []
+        self.queued: list[tuple[Any, _Meta]] = []  # made but not taken (num_return_sequences > 1)
+        self.ended = False
+        self.input_ended = False
+        self.failure: BaseException | None = None
+
+    def take(self, n: int, wait: bool) -> list:
+        prompts: list[Prompt] = []
+        deadline = None
+        while len(self.queued) + len(prompts) < n and not self.input_ended:
+            item = self._next(wait and not prompts and not self.queued, deadline)
+            if item is None:
                 break
+            prompts.append(item)
+            if wait and deadline is None:
+                deadline = time.monotonic() + LINGER_S
+        if prompts:
+            requests, meta = self.make(prompts)
+            self.queued += zip(requests, meta)
+        taken, self.queued = self.queued[:n], self.queued[n:]
+        self.meta += [m for _, m in taken]
+        self.ended = self.input_ended and not self.queued
+        return [r for r, _ in taken]
+
+    def _next(self, block: bool, deadline: float | None) -> Prompt | None:
+        """The next prompt: waiting for it if `block`, until `deadline` if given, else only if it is there."""
+        if not isinstance(self.prompts, _Prefetch):
+            item = next(self.prompts, _END)
+        else:
             try:
-                item = prompts.get(timeout=max(0.0, deadline - time.monotonic()))
+                timeout = None if block else max(0.0, deadline - time.monotonic()) if deadline else 0.0
+                item = self.prompts.get(timeout=timeout) if timeout != 0.0 else self.prompts.get_nowait()
             except queue.Empty:
-                break
-        yield batch
+                return None
+        if item is _END or isinstance(item, _Failure):
+            self.input_ended = True
+            self.failure = item.exc if isinstance(item, _Failure) else None
+            return None
+        return item
+
+
+def _static(decoder, source: _Source, size: int):
+    """Static batches: up to `size` requests decoded together until the last ends, then the next batch."""
+    taken = 0
+    while not source.ended:
+        batch = source.take(size, wait=True)
+        for event in decoder.generate(batch):
+            yield replace(event, index=taken + event.index)
+        taken += len(batch)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -428,15 +463,17 @@ def _records(events, meta: list[_Meta], stats: _Stats) -> Iterator[dict]:
 
 def _text(events, meta: list[_Meta], echo: bool, stats: _Stats) -> Iterator[str]:
     """Completions in input order, each followed by a newline. The first unfinished one streams as it is made;
-    the others wait in memory until their turn."""
+    the others wait in memory until their turn. `meta` grows as requests are taken (it describes each one before
+    its first event)."""
     from llmctl.core.decode import Finished, TextDelta
 
     pending: dict[int, list[str]] = {}
     done: set[int] = set()
-    head = 0
-    if meta and echo:
-        yield _shown(meta[0].prompt)
+    head, shown = 0, False  # shown: the head's prompt is echoed
     for event in events:
+        if echo and not shown and head < len(meta):
+            yield _shown(meta[head].prompt)
+            shown = True
         if isinstance(event, TextDelta):
             if event.index == head:
                 yield event.text
@@ -451,8 +488,9 @@ def _text(events, meta: list[_Meta], echo: bool, stats: _Stats) -> Iterator[str]
         while head in done:
             yield "\n"
             head += 1
-            if head < len(meta):
-                yield (_shown(meta[head].prompt) if echo else "") + "".join(pending.pop(head, []))
+            shown = echo and head < len(meta)
+            if shown or head in pending:
+                yield (_shown(meta[head].prompt) if shown else "") + "".join(pending.pop(head, []))
 
 
 def _shown(prompt: Prompt) -> str:

@@ -103,6 +103,24 @@ def test_same_seed_same_bytes_whatever_the_batch_size(tiny_model_dir, output_for
         cfg(tiny_model_dir, prompts=PROMPTS, seed=7, temperature=1.0, top_p=0.9))]
 
 
+@pytest.mark.parametrize("output_format", ["text", "jsonl"])
+def test_continuous_batching_changes_no_byte_of_the_output(tiny_model_dir, monkeypatch, output_format):
+    """Prompts with 1 to 40 new tokens and stop strings, two completions each: continuous batching (rows taken
+    over as they finish) gives the bytes of static batches, at any batch size."""
+    lines = "".join(json.dumps({"prompt": p, "max_new_tokens": 1 + (13 * i) % 40, **({"stop": [" ", "e"]} if i % 3
+                                else {})}) + "\n" for i, p in enumerate(PROMPTS * 3))
+
+    def out(batch_size, continuous):
+        config = cfg(tiny_model_dir, input_format="jsonl", batch_size=batch_size, continuous=continuous, seed=3,
+                     temperature=1.0, top_k=20, num_return_sequences=2, output_format=output_format, echo=True)
+        chunks = run(config, lines, monkeypatch)
+        return "".join(chunks) if output_format == "text" else [{**r, "time_s": 0} for r in chunks]
+
+    static = out(3, False)
+    assert out(3, True) == static == out(1, True) == out(8, True)
+    assert len(static) > 24
+
+
 def test_a_records_seed_reproduces_it_alone(tiny_model_dir, monkeypatch):
     config = cfg(tiny_model_dir, prompts=PROMPTS, num_return_sequences=2, temperature=1.0)
     out = records(config)

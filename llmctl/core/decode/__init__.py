@@ -19,8 +19,8 @@ Speculation: a lone sequence on the lean path checks a guessed next token (`_Gue
 and keeps the following token where the guess was right: same output, up to twice the speed on repetitive text.
 
 The package, one module per seam:
-    requests.py   SamplingParams, Request, Result and the events (TextDelta, Finished)
-    loop.py       Decoder: the decode loop shared by both forwards
+    requests.py   SamplingParams, Request, Result, the events (TextDelta, Finished) and request sources
+    loop.py       Decoder: the decode loop shared by the forwards, with continuous batching
     sampling.py   Sampler: per-sequence settings and seeded draws
     text.py       incremental detokenization and stop strings
     speculate.py  guessing a lone sequence's next token
@@ -33,8 +33,8 @@ The package, one module per seam:
 from llmctl.core.decode.generic import HFForward
 from llmctl.core.decode.gpt2 import GPT2Forward
 from llmctl.core.decode.loop import Decoder
-from llmctl.core.decode.requests import Finished, Request, Result, SamplingParams, TextDelta
+from llmctl.core.decode.requests import Finished, Request, RequestList, RequestSource, Result, SamplingParams, TextDelta
 from llmctl.core.decode.sampling import Sampler
 
-__all__ = ["Decoder", "Finished", "GPT2Forward", "HFForward", "Request", "Result", "SamplingParams", "Sampler",
-           "TextDelta"]
+__all__ = ["Decoder", "Finished", "GPT2Forward", "HFForward", "Request", "RequestList", "RequestSource", "Result",
+           "SamplingParams", "Sampler", "TextDelta"]

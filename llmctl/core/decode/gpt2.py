@@ -111,18 +111,42 @@ class GPT2Forward:
         self.decode_step = None  # compiled at the first step, after the first token
 
     def prefill(self, ids: torch.Tensor, mask: torch.Tensor, max_new: int) -> torch.Tensor:
-        """Rows must come longest prompt first (so that rows of equal length sit together)."""
+        """Start decoding a left-padded batch: logits (B, V). Rows should come longest prompt first (so that rows
+        of equal length sit together)."""
         batch, length = ids.shape
-        self.starts = [length - n for n in mask.sum(-1).tolist()]  # column of each row's first token
+        # Each row's tokens sit in its cache from column 0. `t` counts steps the same for every row, and a row's
+        # start is t minus its length: its position, and the column its next token goes in, is t - start.
+        self.starts = [length - n for n in mask.sum(-1).tolist()]
         # Per layer, the c_attn output of every token: (R, T, 3C), time-major, so that the query, key and value of
-        # one step are one row that addmm writes in place (out=), and a row's keys are a strided view. R >= B: the
-        # physical rows of the matrix products (see `_decode_step`).
+        # one step are one row that addmm writes in place (out=) where every row is at the same column, and a row's
+        # keys are a strided view. R >= B: the physical rows of the matrix products (see `_decode_step`).
         self.rows = self._rows(batch)
         self.kv = self.wte.new_empty((self.n_layer, self.rows, length + max_new, 3 * self.width))  # (L, R, T, 3C)
-        self.t = length  # the column the next token goes in, the same for every row
-        logits = [self._prefill_row(ids[row, start:], row, start) for row, start in enumerate(self.starts)]
+        self.t = length
+        logits = [self._prefill_row(ids[row, start:], row) for row, start in enumerate(self.starts)]
         self._arrange()
         return torch.cat(logits)
+
+    def admit(self, row: int, ids: torch.Tensor, max_new: int) -> torch.Tensor:
+        """Prefill the prompt `ids` (P,) into `row`, a finished row's (its cache is overwritten) or, with row equal
+        to the number of rows, a new last one, to decode `max_new` tokens with the others: its logits (1, V). The
+        prompt is prefilled alone, as `prefill` does each row, so the row's bits are what a batch of its own gives."""
+        (length,), batch = ids.shape, len(self.starts) + (row == len(self.starts))
+        rows, need = self._rows(batch), length + max_new
+        if rows > self.kv.size(1) or need > self.kv.size(2):
+            # grown by whole blocks of columns, so that a run of longer prompts copies the cache a few times only
+            width = max(self.kv.size(2), -(-need // 64) * 64)
+            grown = self.kv.new_empty((self.n_layer, max(rows, self.kv.size(1)), width, 3 * self.width))
+            grown[:, :self.kv.size(1), :self.kv.size(2)] = self.kv
+            self.kv = grown
+        self.rows = rows
+        if row == len(self.starts):
+            self.starts.append(self.t - length)
+        else:
+            self.starts[row] = self.t - length
+        logits = self._prefill_row(ids, row)
+        self._arrange()
+        return logits
 
     def step(self, tokens: torch.Tensor, guess: int | None = None) -> torch.Tensor:
         """Logits (B, V) after feeding each row its next token, (B,). With a `guess` (a lone row, where
@@ -134,8 +158,8 @@ class GPT2Forward:
             self.lists = self._pack(self.weights, self.layers, self.views, self.scratch, self.groups)
         weights, layers, views, scratch, groups = self.lists
         with torch.jit.optimized_execution(False):  # run the ops as written: no fusion, no specialisation
-            logits = self.decode_step(tokens, self.start_columns, weights, layers, views, scratch, self.t, groups,
-                                      self.rows, self.eps, self.scale, self.activation, self.max_rows,
+            logits = self.decode_step(tokens, self.start_columns, self.row_base, weights, layers, views, scratch,
+                                      self.t, groups, self.rows, self.eps, self.scale, self.activation, self.max_rows,
                                       self.head_chunk, -1 if guess is None else guess)
         self.t += 1
         return logits
@@ -203,6 +227,12 @@ class GPT2Forward:
                                                                  torch.get_num_threads())
         self.groups = [list(run) for run in _runs(self.starts, shared)]
         self.start_columns = torch.tensor(self.starts, device=self.kv.device)  # (B,): a row's position is t - start
+        # Rows at different columns (a prompt admitted into a running batch) write a step's query, key and value
+        # through a scratch buffer and one index_copy per layer, at row * T + column of the cache seen as (R * T, 3C);
+        # rows all at one column (a batch started together) write in place. Empty: all at one column.
+        rows, columns = self.kv.size(1), self.kv.size(2)
+        self.row_base = (torch.arange(rows, device=self.kv.device) * columns if len(set(self.starts)) > 1
+                         else self.kv.new_empty(0, dtype=torch.long))
         self.lists = None  # the step's list arguments, packed at the next step (see `_pack`)
         # Per layer and group, the queries, keys and values of the group's rows as (b, H, T, D) views of the cache:
         # a step narrows them to its columns (one op each, not five).
@@ -218,7 +248,7 @@ class GPT2Forward:
         hidden, attended = self._with_ones(self.n_layer, rows, inner), self._with_ones(rows, width)
         heads = attended[:, :width].view(rows, self.n_head, 1, self.head_dim)  # as attention returns it
         self.scratch = [hidden[..., :inner], new(rows, width), new(rows, width), attended, heads, *self.biases,
-                        self.kv]
+                        self.kv, new(self.n_layer, rows, 3 * width)]
         # Per block: ln_1, c_attn, attn c_proj (augmented), ln_2, c_fc, mlp c_proj (augmented); its hidden layer
         # with and without the ones.
         self.layers = [[w[0], w[1], w[2], w[4], w[6], w[7], w[8], w[10], h, h[:, :inner]]
@@ -235,8 +265,8 @@ class GPT2Forward:
         buffer[..., -1] = 1
         return buffer
 
-    def _prefill_row(self, ids: torch.Tensor, row: int, start: int) -> torch.Tensor:
-        """Run one prompt (L,) through the blocks, filling its cache columns start..; logits (1, V). The same
+    def _prefill_row(self, ids: torch.Tensor, row: int) -> torch.Tensor:
+        """Run one prompt (L,) through the blocks, filling its cache's first L columns; logits (1, V). The same
         arrangement as a decode step: the projections onto x augmented and in place, the activation on a strided
         view (see `_decode_step`)."""
         (length,), width, inner, heads, eps = ids.shape, self.width, self.inner, self.n_head, self.eps
@@ -244,7 +274,7 @@ class GPT2Forward:
         attended, hidden = self._with_ones(length, width), self._with_ones(length, inner)
         for block, cache in zip(self.blocks, self.kv.unbind(0)):
             ln1_w, ln1_b, qkv_w, qkv_b, proj_w, _, ln2_w, ln2_b, fc_w, fc_b, out_w, _ = block
-            qkv = cache[row, start:start + length]  # (L, 3C)
+            qkv = cache[row, :length]  # (L, 3C)
             torch.addmm(qkv_b, torch.layer_norm(x, (width,), ln1_w, ln1_b, eps), qkv_w, out=qkv)
             q, k, v = qkv.view(1, length, 3, heads, self.head_dim).transpose(1, 3).unbind(2)  # 3 x (1, H, L, D)
             a = F.scaled_dot_product_attention(q, k, v, is_causal=length > 1, scale=self.scale)
@@ -263,38 +293,45 @@ class GPT2Forward:
 # (it is deprecated), the same functions run as plain Python.
 
 
-def _decode_step(tokens: torch.Tensor, starts: torch.Tensor, weights: list[torch.Tensor],
+def _decode_step(tokens: torch.Tensor, starts: torch.Tensor, row_base: torch.Tensor, weights: list[torch.Tensor],
                  layers: list[list[torch.Tensor]], views: list[torch.Tensor], scratch: list[torch.Tensor], t: int,
                  groups: list[list[int]], rows: int, eps: float, scale: float, activation: str, max_rows: int,
                  head_chunk: int, guess: int) -> torch.Tensor:
-    """Logits (B, V) of B rows after their next tokens (B,) at column t of the cache, each row at position t minus
-    its start column (`starts`, (B,)). Matrix products see R >= B rows (a lone row doubled); each block writes the
-    new tokens' query, key and value into its cache at column t. `weights`: the embeddings, the final layer norm
-    and the output projection (C, V); `layers`: per block its weights and hidden-layer views (see
-    GPT2Forward._arrange). `groups`: [first row, end row, first column] of the rows that share attention calls;
-    `views`: their query, key and value parts of the cache as (b, H, T, D), three per group and layer. `scratch`:
-    the MLP hidden layers without their column of ones (L, R, inner); x and position embeddings (R, C); attention
-    output (R, C + 1) with a last column of ones, and the rest of it as (R, H, 1, D); the c_attn and c_fc biases
-    (L, 1, N); the caches as one tensor (L, R, T, 3C). The output projection goes in pieces of `head_chunk`
-    vocabulary columns.
-    With guess >= 0 (one row, R = 2): the spare row takes `guess` as the token after the row's next one, at column
-    t + 1 and the next position, and both rows' logits come back, (2, V). Each row's arithmetic is then what its own
+    """Logits (B, V) of B rows after their next tokens (B,), each row at position t minus its start (`starts`,
+    (B,)), which is also the cache column its token goes in (a row's tokens start at column 0). Matrix products see
+    R >= B rows (a lone row doubled); each block writes the new tokens' query, key and value into its cache: in
+    place where all rows are at one column (`row_base` empty), else through a scratch buffer at row_base + column
+    of the cache seen as (R * T, 3C). `weights`: the embeddings, the final layer norm and the output projection
+    (C, V); `layers`: per block its weights and hidden-layer views (see GPT2Forward._arrange). `groups`: [first
+    row, end row, start] of the rows that share attention calls; `views`: their query, key and value parts of the
+    cache as (b, H, T, D), three per group and layer. `scratch`: the MLP hidden layers without their column of ones
+    (L, R, inner); x and position embeddings (R, C); attention output (R, C + 1) with a last column of ones, and the
+    rest of it as (R, H, 1, D); the c_attn and c_fc biases (L, 1, N); the caches as one tensor (L, R, T, 3C); the
+    scratch for c_attn outputs (L, R, 3C). The output projection goes in pieces of `head_chunk` vocabulary columns.
+    With guess >= 0 (one row, R = 2): the spare row takes `guess` as the token after the row's next one, at the
+    next column and position, and both rows' logits come back, (2, V). Each row's arithmetic is then what its own
     step would be: the same matrix-product rows, the same attention calls over the same keys."""
-    hidden, x, embedded, attended, heads, qkv_bias, fc_bias, kv = scratch
+    hidden, x, embedded, attended, heads, qkv_bias, fc_bias, kv, fresh = scratch
     speculate = guess >= 0
     if speculate:
         tokens = torch.cat([tokens, tokens.new_full([1], guess)])
     batch = tokens.size(0)
     torch.index_select(weights[0], 0, tokens.expand(rows) if rows > batch else tokens, out=x)  # (R, C)
+    scattered = row_base.numel() > 0
+    column = t - groups[0][2]  # the first row's column (every row's, where not scattered)
     if len(groups) == 1:  # one position for all rows (two in a row for a guess): a view of the table
-        x += weights[1].narrow(0, t - groups[0][2], batch if speculate else 1)
+        x += weights[1].narrow(0, column, batch if speculate else 1)
+        flat = row_base
     else:
-        x += torch.index_select(weights[1], 0, t - starts, out=embedded)
+        positions = t - starts
+        x += torch.index_select(weights[1], 0, positions, out=embedded)
+        flat = row_base + positions if scattered else row_base
     width = x.size(1)
-    # [group, first column, query column] of each attention call
-    calls = [[0, groups[0][2], t], [0, groups[0][2], t + 1]] if speculate else [[g, groups[g][2], t]
-                                                                               for g in range(len(groups))]
-    slots = kv[:, 0, t:t + 2] if speculate else kv.select(2, t)  # (L, R, 3C): where c_attn writes this step
+    # [group, first key column, query column] of each attention call
+    calls = [[0, 0, column], [0, 0, column + 1]] if speculate else [[g, 0, t - groups[g][2]]
+                                                                   for g in range(len(groups))]
+    # where c_attn writes this step, (L, R, 3C)
+    slots = kv[:, 0].narrow(1, column, 2) if speculate else fresh if scattered else kv.select(2, column)
     # The biases of every block's c_attn and c_fc products, in place in their outputs up front: the products then
     # add onto them (addmm with beta 1, as addmm does after copying a bias in), and no copy runs after a product.
     slots.copy_(qkv_bias)
@@ -303,6 +340,8 @@ def _decode_step(tokens: torch.Tensor, starts: torch.Tensor, weights: list[torch
         w = layers[layer]
         qkv = slots[layer]  # (R, 3C)
         _linear(qkv, torch.layer_norm(x, [width], w[0], w[1], eps), w[2], max_rows, qkv)
+        if scattered:
+            kv[layer].view(-1, qkv.size(1)).index_copy_(0, flat, qkv)
         parts: list[torch.Tensor] = []
         for call in calls:
             at, length = 3 * (layer * len(groups) + call[0]), call[2] + 1 - call[1]

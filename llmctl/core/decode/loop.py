@@ -11,7 +11,7 @@ import torch
 
 from llmctl.core.decode.generic import HFForward
 from llmctl.core.decode.gpt2 import GPT2Forward
-from llmctl.core.decode.requests import Finished, Request, Result, TextDelta
+from llmctl.core.decode.requests import Finished, Request, RequestList, RequestSource, Result, TextDelta
 from llmctl.core.decode.sampling import Sampler
 from llmctl.core.decode.speculate import _Guesser
 from llmctl.core.decode.text import _TextTail
@@ -54,100 +54,174 @@ class Decoder:
         return "gpt2" if isinstance(self.forward, GPT2Forward) else "generic"
 
     def generate(self, requests: Sequence[Request]) -> Iterator[TextDelta | Finished]:
-        """Decode `requests` together; yield text as it becomes final and each result as its sequence ends."""
-        start = time.perf_counter()
-        if not requests:
-            return
-        # Longest prompt first: rows with equal prompt lengths then sit together (see GPT2Forward).
-        order = sorted(range(len(requests)), key=lambda i: -len(requests[i].prompt_ids))
-        requests = [requests[i] for i in order]
-        lengths = [len(r.prompt_ids) for r in requests]
-        limits = [r.params.max_new_tokens for r in requests]
-        max_new = max(limits)
-        if self.context_length and max(lengths) + max_new > self.context_length:
-            raise ValueError("prompt + max_new_tokens exceed the context; truncate before decoding")
-        # Inference mode only around the tensor work, not across the yields (the caller's code runs there).
-        with torch.inference_mode():
-            ids, mask = _left_pad([r.prompt_ids for r in requests], self.pad_id, self.device)  # (B, P)
-            logits = self.forward.prefill(ids, mask, max_new)  # (B, V)
-            sampler = Sampler(requests, self.vocab_size, self.device)
-            tokens = sampler(logits, 0)  # (B,)
-        texts = [_TextTail(self.tokenizer, r.prompt_ids, r.params.stop) for r in requests]
-        generated: list[list[int]] = [[] for _ in requests]
-        eos_ids = self.eos_ids
+        """Decode `requests` together, as one batch; yield text as it becomes final and each result as its sequence
+        ends (events carry the request's index in `requests`)."""
+        return self.stream(RequestList(requests), max(len(requests), 1))
 
-        def take(i: int, token: int, step: int) -> tuple[list[TextDelta | Finished], bool]:
-            """Append token number `step` to sequence i: the events that makes, and whether the sequence ended."""
-            generated[i].append(token)
-            text, reason = texts[i], None
-            if token in eos_ids:
-                reason, delta = "eos", text.finish()
-            else:
-                delta = text.push(token)
-                if text.stopped:
-                    reason = "stop"
-                elif step + 1 >= limits[i]:
-                    reason = "length"
-                    delta += text.finish()
-            events: list[TextDelta | Finished] = [TextDelta(order[i], delta)] if delta else []
-            if reason is not None:
-                seconds = time.perf_counter() - start
-                events.append(Finished(order[i], Result(generated[i], text.text, reason, seconds)))
-            return events, reason is not None
-
-        rows = list(range(len(requests)))  # request index of each row still decoding
-        guesser = None
-        step = 0  # the number of the token(s) in `tokens`, the same for every row
+    def stream(self, source: RequestSource, batch_size: int) -> Iterator[TextDelta | Finished]:
+        """Decode the requests `source` hands out, `batch_size` at a time with continuous batching: when a sequence
+        ends, the next waiting request is prefilled into its row at once and decodes with the others, instead of
+        waiting for the whole batch to end. Events carry each request's number in the order taken from `source`.
+        A row's arithmetic does not depend on its batch (see GPT2Forward), so every completion is what a batch of
+        its own gives: the same bytes as static batches. A forward that cannot admit rows into a running batch (the
+        generic path) decodes static batches: a batch takes new requests once all its rows have ended."""
+        can_admit = hasattr(self.forward, "admit")
+        rows: list[_Row] = []  # one per physical row of the forward, each still decoding
+        ended: list[int] = []  # rows whose sequence ended at the last step
+        taken = 0  # requests taken from the source
+        sampler = tokens = guesser = None
+        local = 0  # the sampler's step number (its draws count from its making)
+        stale = False  # rows joined a running batch: the sampler is rebuilt before the next step
         while True:
-            keep = []
-            for j, (i, token) in enumerate(zip(rows, sampler.tolist(tokens))):
-                events, ended = take(i, token, step)
-                yield from events
-                if not ended:
-                    keep.append(j)
-            if not keep:
-                return
-            guess = None
+            if ended or not rows:
+                # Rows that ended make room: the next waiting requests take them (all rows, on a fresh start).
+                idle = len(ended) == len(rows)
+                room = batch_size - len(rows) + len(ended)
+                new = (source.take(room, wait=idle) if room > 0 and not source.ended and (can_admit or idle)
+                       else [])
+                firsts: list[int] = []
+                with torch.inference_mode():
+                    if idle:
+                        rows, firsts, sampler = self._start(new, taken)
+                        local, stale, admitted = 1, False, range(len(rows))
+                    else:
+                        rows, firsts, admitted = self._admit(rows, ended, new, taken, sampler)
+                        stale = stale or bool(new)
+                taken += len(new)
+                if not rows:
+                    if source.ended:
+                        return
+                    continue
+                ended = []
+                for j, token in zip(admitted, firsts):
+                    events, done = rows[j].take(token, self.eos_ids)
+                    yield from events
+                    if done:
+                        ended.append(j)
+                if ended:  # a sequence may end at its first token: make room again before a step
+                    continue
+                with torch.inference_mode():
+                    if stale:  # one sampler for all rows, each drawing its own next number
+                        sampler = Sampler([r.request for r in rows], self.vocab_size, self.device,
+                                          [r.generated for r in rows])
+                        local, stale = 0, False
+                    tokens = torch.tensor([r.generated[-1] for r in rows], device=self.device)
+            # One decode step for every row; a lone row may check a guessed next token too.
+            guess = right = None
             with torch.inference_mode():
-                if len(keep) < len(rows):
-                    index = torch.tensor(keep, device=self.device)
-                    rows = [rows[j] for j in keep]
-                    tokens = tokens[index]
-                    self.forward.select(index)
-                    sampler.select(index)
-                i = rows[0]
-                if len(rows) == 1 and step + 3 <= limits[i] and self._can_speculate():
-                    if guesser is None or guesser.row != i:
-                        guesser = _Guesser(i, requests[i].prompt_ids)
-                    guess = guesser.guess(generated[i])
+                row = rows[0]
+                if len(rows) == 1 and len(row.generated) + 2 <= row.limit and self._can_speculate():
+                    if guesser is None or guesser.row != row.index:
+                        guesser = _Guesser(row.index, row.request.prompt_ids)
+                    guess = guesser.guess(row.generated)
                 if guess is None:
-                    tokens = sampler(self.forward.step(tokens), step + 1)
-                    step += 1
-                    continue
-                logits = self.forward.step(tokens, guess)  # (2, V): after the token, and after the guess
-                tokens = sampler(logits[:1], step + 1)
-                step += 1
-                self.guesses += 1
-                right = sampler.tolist(tokens)[0] == guess
-                guesser.record(right)
-                if not right:
-                    continue
-                self.forward.accept()
-                self.right_guesses += 1
-            # The guess was right: it is this step's token, and the second row's logits give the next one.
-            events, ended = take(i, guess, step)
-            yield from events
-            if ended:
-                return
-            with torch.inference_mode():
-                tokens = sampler(logits[1:], step + 1)
-            step += 1
+                    tokens = sampler(self.forward.step(tokens), local)
+                else:
+                    logits = self.forward.step(tokens, guess)  # (2, V): after the token, and after the guess
+                    tokens = sampler(logits[:1], local)
+                    self.guesses += 1
+                    right = sampler.tolist(tokens)[0] == guess
+                    guesser.record(right)
+                    if right:
+                        self.forward.accept()
+                        self.right_guesses += 1
+                local += 1
+            for j, (row, token) in enumerate(zip(rows, sampler.tolist(tokens))):
+                events, done = row.take(token, self.eos_ids)
+                yield from events
+                if done:
+                    ended.append(j)
+            if right and not ended:
+                # The guess was right: it was this step's token, and the second row's logits give the next one.
+                with torch.inference_mode():
+                    tokens = sampler(logits[1:], local)
+                local += 1
+                events, done = rows[0].take(sampler.tolist(tokens)[0], self.eos_ids)
+                yield from events
+                if done:
+                    ended.append(0)
+
+    def _start(self, requests: list[Request], taken: int) -> tuple[list[_Row], list[int], Sampler | None]:
+        """Prefill a batch from nothing: its rows (longest prompt first, so that rows of equal prompt length sit
+        together: see GPT2Forward), their first tokens and the sampler."""
+        if not requests:
+            return [], [], None
+        start = time.perf_counter()
+        order = sorted(range(len(requests)), key=lambda i: -len(requests[i].prompt_ids))
+        rows = [_Row(taken + i, requests[i], self.tokenizer, start) for i in order]
+        for row in rows:
+            self._check_fits(row.request)
+        ids, mask = _left_pad([r.request.prompt_ids for r in rows], self.pad_id, self.device)  # (B, P)
+        logits = self.forward.prefill(ids, mask, max(r.limit for r in rows))  # (B, V)
+        sampler = Sampler([r.request for r in rows], self.vocab_size, self.device)
+        return rows, sampler.tolist(sampler(logits, 0)), sampler
+
+    def _admit(self, rows: list[_Row], ended: list[int], new: list[Request], taken: int, sampler: Sampler
+               ) -> tuple[list[_Row], list[int], list[int]]:
+        """New requests take the rows of `ended` ones (and rows after the last, where the batch is not full); ended
+        rows nobody takes are dropped. Each new request is prefilled alone into its row; its first token is drawn
+        with a sampler of its own (its draw number 0). Returns the rows, the first tokens and the rows they are in."""
+        drop = set(ended[len(new):])
+        slots = ended[:len(new)] + list(range(len(rows), len(rows) + len(new) - len(ended)))
+        if drop:
+            keep = [j for j in range(len(rows)) if j not in drop]
+            index = torch.tensor(keep, device=self.device)
+            self.forward.select(index)
+            sampler.select(index)
+            position = {old: j for j, old in enumerate(keep)}
+            rows, slots = [rows[j] for j in keep], [position[j] for j in slots]
+        firsts = []
+        for offset, (slot, request) in enumerate(zip(slots, new)):
+            self._check_fits(request)
+            row = _Row(taken + offset, request, self.tokenizer, time.perf_counter())
+            ids = torch.tensor(list(request.prompt_ids), dtype=torch.long, device=self.device)
+            logits = self.forward.admit(slot, ids, row.limit)  # (1, V)
+            first = Sampler([request], self.vocab_size, self.device)
+            firsts.append(first.tolist(first(logits, 0))[0])
+            if slot == len(rows):
+                rows.append(row)
+            else:
+                rows[slot] = row
+        return rows, firsts, slots
+
+    def _check_fits(self, request: Request) -> None:
+        if self.context_length and len(request.prompt_ids) + request.params.max_new_tokens > self.context_length:
+            raise ValueError("prompt + max_new_tokens exceed the context; truncate before decoding")
 
     def _can_speculate(self) -> bool:
         """Whether a lone sequence may check a guessed next token in the spare row of its step (see `_Guesser`): on
         the lean path, where the spare row's arithmetic is what its own step would be. Sampling too: each step
         draws with its own pre-drawn random number, so a right guess is exactly the token the step would sample."""
         return self.speculate and isinstance(self.forward, GPT2Forward) and self.forward.can_speculate
+
+
+class _Row:
+    """One sequence decoding in a row: its request, the tokens made so far and its text."""
+
+    def __init__(self, index: int, request: Request, tokenizer, start: float):
+        self.index, self.request, self.start = index, request, start
+        self.limit = request.params.max_new_tokens
+        self.text = _TextTail(tokenizer, request.prompt_ids, request.params.stop)
+        self.generated: list[int] = []
+
+    def take(self, token: int, eos_ids: set[int]) -> tuple[list[TextDelta | Finished], bool]:
+        """Append the sequence's next token: the events that makes, and whether the sequence ended."""
+        self.generated.append(token)
+        text, reason = self.text, None
+        if token in eos_ids:
+            reason, delta = "eos", text.finish()
+        else:
+            delta = text.push(token)
+            if text.stopped:
+                reason = "stop"
+            elif len(self.generated) >= self.limit:
+                reason = "length"
+                delta += text.finish()
+        events: list[TextDelta | Finished] = [TextDelta(self.index, delta)] if delta else []
+        if reason is not None:
+            seconds = time.perf_counter() - self.start
+            events.append(Finished(self.index, Result(self.generated, text.text, reason, seconds)))
+        return events, reason is not None
 
 
 def _left_pad(prompts: Sequence[Sequence[int]], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Protocol
 
 log = logging.getLogger(__name__)
 
@@ -48,7 +49,7 @@ class Result:
     finish_reason: str
     """`length` (max_new_tokens reached), `stop` (a stop string appeared) or `eos` (the model ended the text)."""
     seconds: float
-    """From the start of the sequence's batch to its last token."""
+    """From the sequence's prefill (the start of its batch, or its joining a running one) to its last token."""
 
 
 @dataclass(frozen=True)
@@ -63,3 +64,27 @@ class TextDelta:
 class Finished:
     index: int
     result: Result
+
+
+class RequestSource(Protocol):
+    """Where `Decoder.stream` takes its requests from, as rows free up."""
+
+    ended: bool
+    """No request will come any more."""
+
+    def take(self, n: int, wait: bool) -> list[Request]:
+        """Up to n requests: those waiting now, or with `wait`, at least one unless the source ends first."""
+
+
+class RequestList:
+    """A fixed list of requests as a source."""
+
+    def __init__(self, requests: Sequence[Request]):
+        self.requests, self.next = requests, 0
+        self.ended = not requests
+
+    def take(self, n: int, wait: bool) -> list[Request]:
+        out = list(self.requests[self.next:self.next + n])
+        self.next += len(out)
+        self.ended = self.next >= len(self.requests)
+        return out

@@ -34,8 +34,13 @@ class Sampler:
 
     PYTHON_CANDIDATES = 256
 
-    def __init__(self, requests: Sequence[Request], vocab: int, device: torch.device):
+    def __init__(self, requests: Sequence[Request], vocab: int, device: torch.device,
+                 generated: Sequence[Sequence[int]] | None = None):
+        """`generated`: the tokens each request has made so far, where rows join a running batch (continuous
+        batching): a row's next draw is then its number len(generated) of its own stream, and its repetition
+        penalty counts them; step numbers passed to the sampler count from its making."""
         params, seeds = [r.params for r in requests], [r.seed for r in requests]
+        done = [len(g) for g in generated] if generated is not None else [0] * len(requests)
         self.device = device
         self.greedy = torch.tensor([p.greedy for p in params], device=device)
         self.any_greedy = any(p.greedy for p in params)
@@ -47,10 +52,11 @@ class Sampler:
         self.python_rows: list[tuple[int, int, float, float, list[float]]] = []
         self.uniforms = None  # (B, steps), for the tensor draw
         if not all(p.greedy for p in params):
-            steps = max(p.max_new_tokens for p in params)
+            steps = max(p.max_new_tokens - d for p, d in zip(params, done))
             # Drawn on the CPU from each sequence's own generator: the same numbers whatever the device or batch.
             drawn = torch.stack(
-                [torch.rand(steps, generator=torch.Generator().manual_seed(s), dtype=torch.float64) for s in seeds]
+                [torch.rand(d + steps, generator=torch.Generator().manual_seed(s), dtype=torch.float64)[d:]
+                 for s, d in zip(seeds, done)]
             )  # (B, steps)
             self.python_rows = [(row, candidates[row], params[row].temperature, params[row].top_p, drawn[row].tolist())
                                 for row, use in enumerate(in_python) if use]
@@ -76,7 +82,8 @@ class Sampler:
             self.penalty = _column([p.repetition_penalty for p in params], device)
             self.seen = torch.zeros((len(params), vocab), dtype=torch.bool, device=device)  # (B, V)
             for row, request in enumerate(requests):
-                self.seen[row, torch.tensor(list(request.prompt_ids), device=device)] = True
+                seen = [*request.prompt_ids, *(generated[row] if generated is not None else ())]
+                self.seen[row, torch.tensor(seen, device=device)] = True
 
     def __call__(self, logits: torch.Tensor, step: int) -> torch.Tensor:
         """Next token of each row, (B,), from float logits (B, V)."""
