@@ -263,19 +263,52 @@ def test_generic_path_matches_model_generate_and_the_lean_path(tiny):
         assert result.token_ids == lean_result.token_ids == hf_greedy(model, prompt, 20)
 
 
-def test_generic_path_runs_a_llama(tokenizer_dir, tmp_path):
+def tiny_llama(tokenizer_dir, tmp_path, **overrides):
     from transformers import AutoModelForCausalLM, LlamaConfig
 
     tokenizer = load_tokenizer(tokenizer_dir)
-    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
-                         bos_token_id=tokenizer.eos_token_id, eos_token_id=tokenizer.eos_token_id)
+    settings = {"vocab_size": len(tokenizer), "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2,
+                "num_attention_heads": 4, "num_key_value_heads": 2, "max_position_embeddings": 64,
+                "bos_token_id": tokenizer.eos_token_id, "eos_token_id": tokenizer.eos_token_id}
+    config = LlamaConfig(**{**settings, **overrides})
     torch.manual_seed(0)
     AutoModelForCausalLM.from_config(config).save_pretrained(tmp_path)
     model = load_model(tmp_path).eval()
     model.generation_config.eos_token_id = None
+    return model, tokenizer
+
+
+@pytest.mark.parametrize("overrides", [{}, {"tie_word_embeddings": True, "num_key_value_heads": 4},
+                                       {"rope_theta": 500.0, "head_dim": 16}], ids=["gqa", "tied-mha", "rope-hd16"])
+def test_lean_llama_path_matches_model_generate(tokenizer_dir, tmp_path, overrides):
+    """RoPE, RMSNorm, SwiGLU and grouped-query attention over fused weights: greedy output token for token that of
+    `model.generate`, alone and batched, and the model still works after (its weights are views of the fused ones)."""
+    model, tokenizer = tiny_llama(tokenizer_dir, tmp_path, **overrides)
+    before = model(torch.tensor([[1, 2, 3]])).logits
     decoder = Decoder(model, tokenizer, ignore_eos=True)
-    assert decoder.path == "generic"
+    assert decoder.path == "llama"
+    assert torch.allclose(model(torch.tensor([[1, 2, 3]])).logits, before, atol=1e-6)  # other layouts: last bits
+    prompts = ids_of(tokenizer)
+    expected = [hf_greedy(model, p, 20) for p in prompts]
+    for batch_size in (1, 3, 8):
+        assert [r.token_ids for r in decode(decoder, prompts, GREEDY, batch_size=batch_size)] == expected
+
+
+def test_lean_llama_continuous_batching_gives_the_bytes_of_static_batches(tokenizer_dir, tmp_path):
+    model, tokenizer = tiny_llama(tokenizer_dir, tmp_path)
+    decoder = Decoder(model, tokenizer)
+    prompts = ids_of(tokenizer, MIXED_PROMPTS)
+    params = mixed_params(decoder, prompts, greedy=False)
+    for batch_size in (3, 8):
+        key = [(r.token_ids, r.text) for r in decode(decoder, prompts, params, batch_size=batch_size)]
+        assert [(r.token_ids, r.text) for r in stream(decoder, prompts, params, batch_size)] == key
+    assert [(r.token_ids, r.text) for r in stream(decoder, prompts, params, 1)] == key
+
+
+def test_generic_path_runs_a_llama(tokenizer_dir, tmp_path):
+    model, tokenizer = tiny_llama(tokenizer_dir, tmp_path)
+    decoder = Decoder(model, tokenizer, ignore_eos=True)
+    decoder.forward = HFForward(model)  # what any other causal LM gets
     prompts = ids_of(tokenizer)
     for batch_size in (1, 8):
         ours = decode(decoder, prompts, SamplingParams(max_new_tokens=12, temperature=0.0), batch_size=batch_size)
@@ -283,6 +316,9 @@ def test_generic_path_runs_a_llama(tokenizer_dir, tmp_path):
     mixed = [GREEDY, SamplingParams(max_new_tokens=4, temperature=0.9)] * 4
     lengths = [len(r.token_ids) for r in decode(decoder, prompts, mixed)]  # rows leave the cache early
     assert lengths == [20, 4] * 4
+    # static batches through stream: a batch takes new requests once all its rows have ended
+    assert [r.token_ids for r in stream(decoder, prompts, [GREEDY] * 8, 3)] == [
+        r.token_ids for r in decode(decoder, prompts, GREEDY)]
 
 
 class _Chars:

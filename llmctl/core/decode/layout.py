@@ -103,19 +103,35 @@ _NOISE = torch.empty(0)
 
 
 @functools.cache
-def _attention_keeps_row_bits(heads: int, head_dim: int, dtype: torch.dtype, threads: int) -> bool:
+def _attention_keeps_row_bits(heads: int, head_dim: int, dtype: torch.dtype, threads: int,
+                              kv_heads: int | None = None) -> bool:
     """Whether one attention call over several rows (a query each, as a decode step makes them, over the same number
     of keys) gives each row the bits it gets alone. Where it does not (torch's CPU kernel on an AMD EPYC, measured),
-    rows of equal length get an attention call each. Tried at a few key counts, on views of a cache-like layout."""
-    rows, lengths = 4, (1, 7, 40, 300)
-    noise = _noise(rows * max(lengths) * 3 * heads * head_dim, dtype)
-    cache = noise.view(rows, max(lengths), 3, heads, head_dim)  # (R, T, 3, H, D), as the decode cache holds them
-    q, k, v = (part.transpose(1, 2) for part in cache.unbind(2))  # (R, H, T, D) each
+    rows of equal length get an attention call each. Tried at a few key counts, on views of a cache-like layout;
+    `kv_heads` fewer than `heads`: grouped-query attention (SDPA's enable_gqa)."""
+    rows, lengths, kv_heads = 4, (1, 7, 40, 300), kv_heads or heads
+    noise = _noise(rows * max(lengths) * (heads + 2 * kv_heads) * head_dim, dtype)
+    cache = noise.view(rows, max(lengths), heads + 2 * kv_heads, head_dim)  # (R, T, H + 2 KV, D)
+    q, k, v = (part.transpose(1, 2) for part in cache.split([heads, kv_heads, kv_heads], 2))  # (R, heads, T, D)
     for length in lengths:
         args = q.narrow(2, length - 1, 1), k.narrow(2, 0, length), v.narrow(2, 0, length)
-        together = torch.nn.functional.scaled_dot_product_attention(*args)
+        gqa = {"enable_gqa": True} if kv_heads != heads else {}
+        together = torch.nn.functional.scaled_dot_product_attention(*args, **gqa)
         for row in range(rows):
-            alone = torch.nn.functional.scaled_dot_product_attention(*(a[row:row + 1] for a in args))
+            alone = torch.nn.functional.scaled_dot_product_attention(*(a[row:row + 1] for a in args), **gqa)
             if not torch.equal(alone[0], together[row]):
                 return False
     return True
+
+
+@functools.cache
+def _single_row_keeps_bits(k: int, n: int, dtype: torch.dtype, transposed: bool, threads: int) -> bool:
+    """Whether bias + x @ w, w (K, N) in the given memory layout, gives a row alone (a matrix-vector product) the
+    bits it gets in a product of two rows. Where it does (MKL on an AMD EPYC: rows of products of up to 3 rows are
+    summed alike), a lone row needs no second row, and its products cost half."""
+    noise = _noise(k * n + n + 4 * k, dtype)
+    w = noise[:k * n].view((n, k) if transposed else (k, n))
+    w = w.t() if transposed else w
+    bias, x = noise[k * n:k * n + n], noise[k * n + n:].view(4, k)
+    pairs = torch.cat([torch.addmm(bias, x[i:i + 2], w) for i in (0, 2)])
+    return all(torch.equal(torch.addmm(bias, x[i:i + 1], w)[0], pairs[i]) for i in range(4))

@@ -11,6 +11,7 @@ import torch
 
 from llmctl.core.decode.generic import HFForward
 from llmctl.core.decode.gpt2 import GPT2Forward
+from llmctl.core.decode.llama import LlamaForward
 from llmctl.core.decode.requests import Finished, Request, RequestList, RequestSource, Result, TextDelta
 from llmctl.core.decode.sampling import Sampler
 from llmctl.core.decode.speculate import _Guesser
@@ -37,6 +38,9 @@ class Decoder:
         if GPT2Forward.supports(model):
             self.forward = GPT2Forward(model, batch_invariant=batch_invariant)
             log.debug("decoding with the lean GPT-2 path (preallocated KV cache)")
+        elif LlamaForward.supports(model):
+            self.forward = LlamaForward(model, batch_invariant=batch_invariant)
+            log.debug("decoding with the lean Llama path (preallocated KV cache)")
         else:
             self.forward = HFForward(model)
             log.debug("%s is not a plain GPT-2: decoding through its own forward and transformers' cache",
@@ -50,8 +54,10 @@ class Decoder:
 
     @property
     def path(self) -> str:
-        """`gpt2` (the lean path) or `generic`."""
-        return "gpt2" if isinstance(self.forward, GPT2Forward) else "generic"
+        """`gpt2` or `llama` (the lean paths), or `generic`."""
+        if isinstance(self.forward, GPT2Forward):
+            return "gpt2"
+        return "llama" if isinstance(self.forward, LlamaForward) else "generic"
 
     def generate(self, requests: Sequence[Request]) -> Iterator[TextDelta | Finished]:
         """Decode `requests` together, as one batch; yield text as it becomes final and each result as its sequence
