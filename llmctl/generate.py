@@ -80,7 +80,7 @@ def run(cfg: Config, *, quiet: bool = False) -> Iterator[str | dict]:
     model.to(device)
     chat = Prompter.of(tokenizer, name, g.system, cfg.sft.chat_template, key="generate.chat") if g.chat else None
     decoder = Decoder(model, tokenizer, ignore_eos=g.ignore_eos, batch_invariant=g.batch_invariant,
-                      speculate=g.speculate, stop_ids=chat.stop_ids if chat else ())
+                      speculate=g.speculate, stop_ids=chat.stop_ids if chat else (), batch_size=g.batch_size)
     log.debug("model %s on %s (%s), %s decode path", name, device, next(model.parameters()).dtype, decoder.path)
     if decoder.context_length and g.max_new_tokens >= decoder.context_length:
         raise ConfigError(

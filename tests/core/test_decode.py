@@ -117,12 +117,14 @@ def _keeps_row_bits(forward, vocab: int) -> bool:
         return all(torch.equal(run([r])[0], together[r]) for r in (0, 2))
 
 
-def test_logits_are_bitwise_batch_invariant(tiny):
-    """Stronger than equal tokens: a row's logits are the same bits alone or in any batch (CPU)."""
+@pytest.mark.parametrize("batch_size", [None, 8], ids=["rows", "tiles"])
+def test_logits_are_bitwise_batch_invariant(tiny, batch_size):
+    """Stronger than equal tokens: a row's logits are the same bits alone or in any batch (CPU), whether rows go
+    as they are or (batches of 4 and more, on CPUs whose BLAS sums rows in tiles) in whole tiles."""
     from llmctl.core.decode.loop import _left_pad
 
     model, tokenizer = tiny
-    forward = Decoder(model, tokenizer).forward
+    forward = Decoder(model, tokenizer, batch_size=batch_size).forward
     if not _keeps_row_bits(forward, len(tokenizer)):
         pytest.skip(NOT_INVARIANT)
     prompts = sorted(ids_of(tokenizer) * 3, key=len, reverse=True)  # 24 rows: matrix products go in pieces
@@ -294,9 +296,10 @@ def test_lean_llama_path_matches_model_generate(tokenizer_dir, tmp_path, overrid
         assert [r.token_ids for r in decode(decoder, prompts, GREEDY, batch_size=batch_size)] == expected
 
 
-def test_lean_llama_continuous_batching_gives_the_bytes_of_static_batches(tokenizer_dir, tmp_path):
+@pytest.mark.parametrize("hint", [None, 8], ids=["rows", "tiles"])
+def test_lean_llama_continuous_batching_gives_the_bytes_of_static_batches(tokenizer_dir, tmp_path, hint):
     model, tokenizer = tiny_llama(tokenizer_dir, tmp_path)
-    decoder = Decoder(model, tokenizer)
+    decoder = Decoder(model, tokenizer, batch_size=hint)
     prompts = ids_of(tokenizer, MIXED_PROMPTS)
     params = mixed_params(decoder, prompts, greedy=False)
     for batch_size in (3, 8):
@@ -514,11 +517,12 @@ def test_weight_layouts_are_measured_and_changed_in_place(tiny):
 
 
 def test_no_row_stable_layout_turns_invariance_off_with_a_warning(tiny, monkeypatch, caplog):
-    import llmctl.core.decode.gpt2 as decode_module  # where GPT2Forward looks the probe up
+    import llmctl.core.decode.layout as layout  # where plan_rows looks the probes up
 
     model, tokenizer = tiny
-    monkeypatch.setattr(decode_module, "_row_stable_layout", lambda *shape: (False, 2))
-    forward = Decoder(model, tokenizer).forward
+    monkeypatch.setattr(layout, "_row_stable_layout", lambda *shape: (False, 2))
+    monkeypatch.setattr(layout, "_tile_rows", lambda *shape: 0)
+    forward = Decoder(model, tokenizer, batch_size=8).forward
     assert not forward.invariant and forward.max_rows == 0
     assert "batch" in caplog.text and "batch_invariant: false" in caplog.text
 
@@ -657,7 +661,7 @@ def stream(decoder, prompts, params, batch_size, seeds=None):
 @pytest.mark.parametrize("batch_size", [1, 3, 8])
 def test_continuous_batching_gives_the_bytes_of_static_batches(tiny, batch_size, greedy):
     model, tokenizer = tiny
-    decoder = Decoder(model, tokenizer)
+    decoder = Decoder(model, tokenizer, batch_size=batch_size)
     prompts = ids_of(tokenizer, MIXED_PROMPTS)
     params = mixed_params(decoder, prompts, greedy)
     admitted = []

@@ -10,7 +10,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from llmctl.core.decode.layout import _aligned, _attention_keeps_row_bits, _augmented, _row_stable_layout
+from llmctl.core.decode.layout import TILE, _aligned, _attention_keeps_row_bits, _augmented, plan_rows
 from llmctl.core.decode.script import _scripted
 
 log = logging.getLogger(__name__)
@@ -65,7 +65,9 @@ class GPT2Forward:
             and not model.training
         )
 
-    def __init__(self, model, *, batch_invariant: bool = True):
+    def __init__(self, model, *, batch_invariant: bool = True, batch_size: int | None = None, speculate: bool = True):
+        """`batch_size`: the batch the caller will decode, at most (batches of 4 or more may go in whole tiles of
+        rows: see `plan_rows`); `speculate`: keep a spare row for a lone row's guesses."""
         transformer = model.transformer
         config = model.config
         self.n_head = config.n_head
@@ -89,10 +91,10 @@ class GPT2Forward:
         ]
         head = self.lm_head.t()  # (C, V), a view
         transposed: dict[int, bool] = {}  # block matrix index -> store transposed (absent: keep the layout)
-        self.max_rows = 0  # 0: any number of rows in one product
+        self.max_rows, self.tile, self.min_rows = 0, 1, 1  # any number of rows in one product, as they come
         self.head_chunk = self.HEAD_CHUNK if self.invariant else head.shape[1]  # columns per output product
         if self.invariant:
-            transposed, head, self.max_rows = self._plan_layouts(blocks[0], head)
+            transposed, head = self._plan_layouts(blocks[0], head, (batch_size or 1) >= TILE, speculate)
         # What `_decode_step` reads: the embeddings, the final layer norm and the output projection (C, V); then per
         # block its 12 weights, in the order of `blocks` above, matrices (K, N) in either memory layout. The two
         # projections onto the residual stream come with their bias as an extra row, (K + 1, N) (see `_augmented`):
@@ -158,9 +160,14 @@ class GPT2Forward:
             self.lists = self._pack(self.weights, self.layers, self.views, self.scratch, self.groups)
         weights, layers, views, scratch, groups = self.lists
         with torch.jit.optimized_execution(False):  # run the ops as written: no fusion, no specialisation
-            logits = self.decode_step(tokens, self.start_columns, self.row_base, weights, layers, views, scratch,
+            row_base = self.row_base
+            if guess is not None and self.rows > 2:  # the guess and spare rows written through the scratch buffer
+                column, columns = self.t - self.starts[0], self.kv.size(2)
+                row_base = torch.tensor([column, column + 1] + [r * columns + column for r in range(2, self.rows)],
+                                        device=self.kv.device)
+            logits = self.decode_step(tokens, self.start_columns, row_base, weights, layers, views, scratch,
                                       self.t, groups, self.rows, self.eps, self.scale, self.activation, self.max_rows,
-                                      self.head_chunk, -1 if guess is None else guess)
+                                      self.tile, self.head_chunk, -1 if guess is None else guess)
         self.t += 1
         return logits
 
@@ -175,7 +182,7 @@ class GPT2Forward:
     @property
     def can_speculate(self) -> bool:
         """One row decoding, with a spare physical row whose arithmetic is what the row's own next step would be."""
-        return self.invariant and len(self.starts) == 1 and self.rows == 2
+        return self.invariant and len(self.starts) == 1 and self.rows >= 2
 
     def accept(self) -> None:
         """The guess of the last step was right: its key and value stay in the cache."""
@@ -184,42 +191,40 @@ class GPT2Forward:
     def select(self, rows: torch.Tensor) -> None:
         self.starts = [self.starts[i] for i in rows.tolist()]
         self.rows = self._rows(len(rows))
-        if self.rows > len(rows):
-            rows = rows.expand(self.rows)
-        self.kv = self.kv[:, rows]
+        self.kv = self.kv[:, _padded(rows, self.rows)]
         self._arrange()
 
-    def _plan_layouts(self, block: list[torch.nn.Parameter], head: torch.Tensor
-                      ) -> tuple[dict[int, bool], torch.Tensor, int]:
-        """Each matrix's memory layout for row-stable products (see `_row_stable_layout`): which of a block's
-        matrices to store transposed (re-laid out in place by `_aligned`: one copy), the output projection (C, V)
-        (a copy only where the embedding's own layout is not row-stable) and the most rows one product may take.
-        Turns batch invariance off, with a warning, where no layout keeps a row's bits."""
-        transposed, limits = {}, []
-        for index in (2, 4, 8, 10):  # c_attn, attn c_proj, c_fc, mlp c_proj: the same shapes in every block
-            (k, n), dtype = block[index].shape, block[index].dtype
-            k += index in self.AUGMENTED
-            transposed[index], rows = _row_stable_layout(k, [n], dtype)
-            limits.append(rows)
+    def _plan_layouts(self, block: list[torch.nn.Parameter], head: torch.Tensor, tiled: bool, speculate: bool
+                      ) -> tuple[dict[int, bool], torch.Tensor]:
+        """Each matrix's memory layout and the row counts for row-stable products (see `plan_rows`): which of a
+        block's matrices to store transposed (re-laid out in place by `_aligned`: one copy) and the output
+        projection (C, V) (a copy only where the embedding's own layout is not row-stable); sets max_rows, tile and
+        min_rows (a lone row keeps a spare row for speculation). Turns batch invariance off, with a warning, where
+        no layout keeps a row's bits."""
+        indices = (2, 4, 8, 10)  # c_attn, attn c_proj, c_fc, mlp c_proj: the same shapes in every block
+        shapes = [(block[i].shape[0] + (i in self.AUGMENTED), [block[i].shape[1]]) for i in indices]
         # The (V, C) embedding seen as (C, V) is already the transposed layout; the other one costs a copy. The
         # product goes in column pieces (see `_decode_step`), which are what gets measured: a vocabulary-wide
         # measurement would take most of a second for GPT-2's 50k tokens.
         (width, vocab), chunk = head.shape, self.head_chunk
         widths = [min(vocab, chunk)] + ([vocab % chunk] if vocab > chunk and vocab % chunk else [])
-        head_transposed, rows = _row_stable_layout(width, widths, head.dtype)
-        limits.append(rows)
-        if not head_transposed:
-            head = head.contiguous()
-        if min(limits) < 3:
+        plan = plan_rows([*shapes, (width, widths)], head.dtype, tiled)
+        if not plan.invariant:
             log.warning("this machine's BLAS rounds a row differently depending on the rows around it: output may "
                         "depend on how prompts are batched (generate.batch_invariant: false silences this)")
             self.invariant = False
             self.head_chunk = vocab
-            return {}, self.lm_head.t(), 0
-        return transposed, head, min(limits)
+            return {}, self.lm_head.t()
+        self.max_rows, self.tile = plan.max_rows, plan.tile
+        self.min_rows = max(plan.min_rows, self.MIN_ROWS if speculate else 1)
+        if not plan.transposed[-1]:
+            head = head.contiguous()
+        return dict(zip(indices, plan.transposed)), head
 
     def _rows(self, batch: int) -> int:
-        return max(batch, self.MIN_ROWS) if self.invariant else batch
+        if not self.invariant:
+            return batch
+        return -(-batch // self.tile) * self.tile if self.tile > 1 else max(batch, self.min_rows)
 
     def _arrange(self) -> None:
         # rows of equal length share attention calls where that keeps their bits (see `_attention_keeps_row_bits`)
@@ -244,7 +249,7 @@ class GPT2Forward:
         # uses made here once: an allocation or a view is a few microseconds of cold code after a matrix product.
         # (Layer norms allocate: their out= variant copies, and measured slower.) The inputs of the augmented
         # products end in a column of ones (see `_augmented`).
-        rows, width, inner, new = self.rows, self.width, self.inner, self.wte.new_empty
+        rows, width, inner, new = self.rows, self.width, self.inner, self.wte.new_zeros
         hidden, attended = self._with_ones(self.n_layer, rows, inner), self._with_ones(rows, width)
         heads = attended[:, :width].view(rows, self.n_head, 1, self.head_dim)  # as attention returns it
         self.scratch = [hidden[..., :inner], new(rows, width), new(rows, width), attended, heads, *self.biases,
@@ -296,7 +301,7 @@ class GPT2Forward:
 def _decode_step(tokens: torch.Tensor, starts: torch.Tensor, row_base: torch.Tensor, weights: list[torch.Tensor],
                  layers: list[list[torch.Tensor]], views: list[torch.Tensor], scratch: list[torch.Tensor], t: int,
                  groups: list[list[int]], rows: int, eps: float, scale: float, activation: str, max_rows: int,
-                 head_chunk: int, guess: int) -> torch.Tensor:
+                 tile: int, head_chunk: int, guess: int) -> torch.Tensor:
     """Logits (B, V) of B rows after their next tokens (B,), each row at position t minus its start (`starts`,
     (B,)), which is also the cache column its token goes in (a row's tokens start at column 0). Matrix products see
     R >= B rows (a lone row doubled); each block writes the new tokens' query, key and value into its cache: in
@@ -316,14 +321,20 @@ def _decode_step(tokens: torch.Tensor, starts: torch.Tensor, row_base: torch.Ten
     if speculate:
         tokens = torch.cat([tokens, tokens.new_full([1], guess)])
     batch = tokens.size(0)
-    torch.index_select(weights[0], 0, tokens.expand(rows) if rows > batch else tokens, out=x)  # (R, C)
+    # spare rows (a lone row doubled, a batch padded to whole tiles) repeat the last row
+    torch.index_select(weights[0], 0, tokens if rows == batch else _padded(tokens, rows), out=x)  # (R, C)
     scattered = row_base.numel() > 0
     column = t - groups[0][2]  # the first row's column (every row's, where not scattered)
     if len(groups) == 1:  # one position for all rows (two in a row for a guess): a view of the table
-        x += weights[1].narrow(0, column, batch if speculate else 1)
+        if speculate:
+            x.narrow(0, 0, 2).add_(weights[1].narrow(0, column, 2))
+        else:
+            x += weights[1].narrow(0, column, 1)
         flat = row_base
     else:
         positions = t - starts
+        if rows > batch:
+            positions = _padded(positions, rows)
         x += torch.index_select(weights[1], 0, positions, out=embedded)
         flat = row_base + positions if scattered else row_base
     width = x.size(1)
@@ -331,7 +342,7 @@ def _decode_step(tokens: torch.Tensor, starts: torch.Tensor, row_base: torch.Ten
     calls = [[0, 0, column], [0, 0, column + 1]] if speculate else [[g, 0, t - groups[g][2]]
                                                                    for g in range(len(groups))]
     # where c_attn writes this step, (L, R, 3C)
-    slots = kv[:, 0].narrow(1, column, 2) if speculate else fresh if scattered else kv.select(2, column)
+    slots = fresh if scattered else kv[:, 0].narrow(1, column, 2) if speculate else kv.select(2, column)
     # The biases of every block's c_attn and c_fc products, in place in their outputs up front: the products then
     # add onto them (addmm with beta 1, as addmm does after copying a bias in), and no copy runs after a product.
     slots.copy_(qkv_bias)
@@ -339,7 +350,7 @@ def _decode_step(tokens: torch.Tensor, starts: torch.Tensor, row_base: torch.Ten
     for layer in range(len(layers)):
         w = layers[layer]
         qkv = slots[layer]  # (R, 3C)
-        _linear(qkv, torch.layer_norm(x, [width], w[0], w[1], eps), w[2], max_rows, qkv)
+        _linear(qkv, torch.layer_norm(x, [width], w[0], w[1], eps), w[2], max_rows, tile, qkv)
         if scattered:
             kv[layer].view(-1, qkv.size(1)).index_copy_(0, flat, qkv)
         parts: list[torch.Tensor] = []
@@ -349,38 +360,43 @@ def _decode_step(tokens: torch.Tensor, starts: torch.Tensor, row_base: torch.Ten
             k = views[at + 1].narrow(2, call[1], length)  # (b, H, L, D)
             v = views[at + 2].narrow(2, call[1], length)
             parts.append(F.scaled_dot_product_attention(q, k, v, scale=scale))
-        heads.copy_(parts[0] if len(parts) == 1 else torch.cat(parts))  # (B, H, 1, D); a lone row into both rows
+        # (B, H, 1, D); spare rows keep what they hold (their results are dropped)
+        heads.narrow(0, 0, batch).copy_(parts[0] if len(parts) == 1 else torch.cat(parts))
         # Residual additions: the products land on x directly (addmm onto itself) and add their bias themselves
         # (augmented: the input's column of ones times the bias row), so that no op runs between a matrix product
         # and the next layer norm, where ops run with cold caches.
-        _linear(x, attended, w[3], max_rows, x)
+        _linear(x, attended, w[3], max_rows, tile, x)
         h = w[9]  # (R, inner)
-        _linear(h, torch.layer_norm(x, [width], w[4], w[5], eps), w[6], max_rows, h)
+        _linear(h, torch.layer_norm(x, [width], w[4], w[5], eps), w[6], max_rows, tile, h)
         # In place on a strided view (rows of inner + 1): ATen's elementwise kernels then take their 2-D path for
         # every R >= 2, the same bits for a row whatever its batch (a contiguous tensor takes a 1-D path with other
         # bits), and for the GELU that path measured twice as fast.
         _activate(h, activation)
-        _linear(x, w[8], w[7], max_rows, x)
+        _linear(x, w[8], w[7], max_rows, tile, x)
     x = torch.layer_norm(x, [width], weights[2], weights[3], eps)
     head = weights[4]  # (C, V)
     if head_chunk >= head.size(1):
-        logits = _linear(None, x, head, max_rows, None)  # (R, V)
+        logits = _linear(None, x, head, max_rows, tile, None)  # (R, V)
     else:
-        logits = torch.cat([_linear(None, x, head[:, j:j + head_chunk], max_rows, None)
+        logits = torch.cat([_linear(None, x, head[:, j:j + head_chunk], max_rows, tile, None)
                             for j in range(0, head.size(1), head_chunk)], 1)
     return logits[:batch].float()
 
 
-def _linear(bias: torch.Tensor | None, x: torch.Tensor, weight: torch.Tensor, max_rows: int,
+def _linear(bias: torch.Tensor | None, x: torch.Tensor, weight: torch.Tensor, max_rows: int, tile: int,
             out: torch.Tensor | None) -> torch.Tensor:
-    """bias + x @ weight, (M, K) @ (K, N), into `out` if given; in pieces of at most max_rows rows (0: no limit),
-    none of them a single row when M > max_rows. `bias` is (N,) or, to accumulate onto it, (M, N)."""
+    """bias + x @ weight, (M, K) @ (K, N), into `out` if given; in pieces of at most max_rows rows (0: no limit):
+    whole tiles of rows where tile > 1 (M is then a whole number of tiles), else none of them a single row when
+    M > max_rows. `bias` is (N,) or, to accumulate onto it, (M, N)."""
     if max_rows == 0 or x.size(0) <= max_rows:
         return _addmm(bias, x, weight, out)
-    pieces = (x.size(0) + max_rows - 1) // max_rows  # sizes differ by one at most
+    if tile > 1:
+        pieces = x.split(max_rows)  # max_rows is whole tiles, and so is the rest
+    else:
+        pieces = x.tensor_split((x.size(0) + max_rows - 1) // max_rows)  # sizes differ by one at most
     results: list[torch.Tensor] = []
     start = 0
-    for piece in x.tensor_split(pieces):
+    for piece in pieces:
         end = start + piece.size(0)
         piece_bias, piece_out = bias, out
         if out is not None:
@@ -391,6 +407,13 @@ def _linear(bias: torch.Tensor | None, x: torch.Tensor, weight: torch.Tensor, ma
         results.append(_addmm(piece_bias, piece, weight, piece_out))
         start = end
     return torch.cat(results) if out is None else out
+
+
+def _padded(values: torch.Tensor, rows: int) -> torch.Tensor:
+    """`values` (B, ...) with its last row repeated up to `rows` rows."""
+    if values.size(0) >= rows:
+        return values
+    return torch.cat([values, values[-1:].expand([rows - values.size(0)] + list(values.shape[1:]))])
 
 
 def _addmm(bias: torch.Tensor | None, x: torch.Tensor, weight: torch.Tensor, out: torch.Tensor | None) -> torch.Tensor:

@@ -10,8 +10,8 @@ import logging
 import torch
 import torch.nn.functional as F
 
-from llmctl.core.decode.gpt2 import _linear, _runs
-from llmctl.core.decode.layout import _attention_keeps_row_bits, _row_stable_layout, _single_row_keeps_bits
+from llmctl.core.decode.gpt2 import _linear, _padded, _runs
+from llmctl.core.decode.layout import TILE, _attention_keeps_row_bits, plan_rows
 
 log = logging.getLogger(__name__)
 
@@ -47,7 +47,7 @@ class LlamaForward:
             and not model.training
         )
 
-    def __init__(self, model, *, batch_invariant: bool = True):
+    def __init__(self, model, *, batch_invariant: bool = True, batch_size: int | None = None):
         config, inner = model.config, model.model
         self.n_head, self.n_kv = config.num_attention_heads, config.num_key_value_heads
         self.head_dim = getattr(config, "head_dim", None) or config.hidden_size // self.n_head
@@ -65,33 +65,22 @@ class LlamaForward:
         shapes = {"qkv": (self.width, self.q_out + 2 * self.kv_out), "o": (self.q_out, self.width),
                   "gate_up": (self.width, 2 * self.inner), "down": (self.inner, self.width)}
         transposed = {name: True for name in shapes}  # nn.Linear's own layout: (K, N) stored as (N, K)
-        self.max_rows, self.head_chunk, self.min_rows = 0, head.shape[1], 1
+        self.max_rows, self.tile, self.min_rows, self.head_chunk = 0, 1, 1, head.shape[1]
         if self.invariant:
-            limits = []
-            for name, (k, n) in shapes.items():
-                transposed[name], rows = _row_stable_layout(k, [n], self.embed.dtype)
-                limits.append(rows)
             vocab, chunk = head.shape[1], self.HEAD_CHUNK
             widths = [min(vocab, chunk)] + ([vocab % chunk] if vocab > chunk and vocab % chunk else [])
-            head_transposed, rows = _row_stable_layout(self.width, widths, head.dtype)
-            limits.append(rows)
-            if not head_transposed:
-                head = head.contiguous()
-            self.head_chunk = chunk
-            if min(limits) < 3:
+            plan = plan_rows([(k, [n]) for k, n in shapes.values()] + [(self.width, widths)], self.embed.dtype,
+                             (batch_size or 1) >= TILE)
+            if plan.invariant:
+                transposed = dict(zip(shapes, plan.transposed))
+                self.max_rows, self.tile, self.min_rows = plan.max_rows, plan.tile, plan.min_rows
+                self.head_chunk = chunk
+                if not plan.transposed[-1]:
+                    head = head.contiguous()
+            else:
                 log.warning("this machine's BLAS rounds a row differently depending on the rows around it: output "
                             "may depend on how prompts are batched (generate.batch_invariant: false silences this)")
-                self.invariant, self.head_chunk, head = False, vocab, model.lm_head.weight.detach().t()
-                transposed = {name: True for name in shapes}
-            else:
-                self.max_rows = min(limits)
-                # a lone row goes through the products alone where that keeps its bits, else as two rows
-                threads = torch.get_num_threads()
-                lone = all(_single_row_keeps_bits(k, n, self.embed.dtype, transposed[name], threads)
-                           for name, (k, n) in shapes.items())
-                lone = lone and all(_single_row_keeps_bits(self.width, w, head.dtype, head_transposed, threads)
-                                    for w in widths)
-                self.min_rows = 1 if lone else self.MIN_ROWS
+                self.invariant = False
         self.head = head
         self.layers = []
         for layer in layers:
@@ -144,14 +133,15 @@ class LlamaForward:
     def select(self, rows: torch.Tensor) -> None:
         self.starts = [self.starts[i] for i in rows.tolist()]
         self.rows = self._rows(len(rows))
-        if self.rows > len(rows):
-            rows = rows.expand(self.rows)
+        rows = _padded(rows, self.rows)
         self.k, self.v = self.k[:, rows], self.v[:, rows]
         self._arrange()
 
     can_speculate = False
 
     def _rows(self, batch: int) -> int:
+        if self.tile > 1:
+            return -(-batch // self.tile) * self.tile
         return max(batch, self.min_rows)
 
     def _allocate(self, rows: int, columns: int) -> None:
@@ -181,14 +171,15 @@ class LlamaForward:
         """Logits (B, V) after feeding each row its next token, (B,)."""
         batch, rows, t = tokens.size(0), self.rows, self.t
         positions = t - self.start_columns  # (B,): each row's position, and the cache column its token goes in
-        if rows > batch:  # a lone row doubled: the spare row repeats it
-            tokens, positions = tokens.expand(rows), positions.expand(rows)
+        if rows > batch:  # spare rows (a lone row doubled, a batch padded to whole tiles) repeat the last row
+            tokens, positions = _padded(tokens, rows), _padded(positions, rows)
         x = F.embedding(tokens, self.embed)  # (R, C)
         cos, sin = self.cos[positions][:, None], self.sin[positions][:, None]  # (R, 1, D)
         flat = self.row_base[:rows] + positions  # where each row's key and value go in the caches seen as (R * T, N)
         calls = [(lo, hi, t - start) for lo, hi, start in self.groups]  # rows and query column of each attention call
+        rows_max, tile = self.max_rows, self.tile
         for layer, (ln1, qkv_w, o_w, ln2, gate_up_w, down_w) in enumerate(self.layers):
-            qkv = _linear(None, torch.rms_norm(x, [self.width], ln1, self.eps), qkv_w, self.max_rows, None)
+            qkv = _linear(None, torch.rms_norm(x, [self.width], ln1, self.eps), qkv_w, rows_max, tile, None)
             q, k, v = qkv.split([self.q_out, self.kv_out, self.kv_out], 1)
             q = _rotate(q.view(rows, self.n_head, self.head_dim), cos, sin)  # (R, H, D)
             k = _rotate(k.view(rows, self.n_kv, self.head_dim), cos, sin)  # (R, KV, D)
@@ -202,11 +193,13 @@ class LlamaForward:
                 for lo, hi, column in calls
             ]  # (b, H, 1, D) each
             attended = parts[0] if len(parts) == 1 else torch.cat(parts)
-            attended = attended.reshape(-1, self.q_out).expand(rows, self.q_out)  # (R, H * D)
-            x = _linear(x, attended, o_w, self.max_rows, None)  # the residual added by the product (addmm)
-            gate_up = _linear(None, torch.rms_norm(x, [self.width], ln2, self.eps), gate_up_w, self.max_rows, None)
+            attended = attended.reshape(-1, self.q_out)  # (B, H * D)
+            if rows > batch:
+                attended = _padded(attended, rows)  # (R, H * D)
+            x = _linear(x, attended, o_w, rows_max, tile, None)  # the residual added by the product (addmm)
+            gate_up = _linear(None, torch.rms_norm(x, [self.width], ln2, self.eps), gate_up_w, rows_max, tile, None)
             gate, up = gate_up.split([self.inner, self.inner], 1)  # strided views: ATen's 2-D elementwise loop
-            x = _linear(x, F.silu(gate) * up, down_w, self.max_rows, None)
+            x = _linear(x, F.silu(gate) * up, down_w, rows_max, tile, None)
         self.t += 1
         return self._logits(x)[:batch]
 
@@ -236,8 +229,8 @@ class LlamaForward:
         x = torch.rms_norm(x, [self.width], self.norm, self.eps)
         vocab = self.head.size(1)
         if self.head_chunk >= vocab:
-            return _linear(None, x, self.head, self.max_rows, None).float()
-        return torch.cat([_linear(None, x, self.head[:, j:j + self.head_chunk], self.max_rows, None)
+            return _linear(None, x, self.head, self.max_rows, self.tile, None).float()
+        return torch.cat([_linear(None, x, self.head[:, j:j + self.head_chunk], self.max_rows, self.tile, None)
                           for j in range(0, vocab, self.head_chunk)], 1).float()
 
 

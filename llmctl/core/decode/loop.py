@@ -29,17 +29,21 @@ class Decoder:
     """Decodes batches of requests with one model and tokenizer."""
 
     def __init__(self, model: torch.nn.Module, tokenizer, *, ignore_eos: bool = False, batch_invariant: bool = True,
-                 speculate: bool = True, stop_ids: Sequence[int] = ()):
+                 speculate: bool = True, stop_ids: Sequence[int] = (), batch_size: int | None = None):
+        """`batch_size`: the most requests the caller decodes together, where known: on CPUs whose BLAS sums rows
+        in tiles, batches of 4 or more then go through the products in whole tiles (see `plan_rows`), which keeps
+        every row's bits among all such batch sizes but not against batches of 1-3."""
         self.model = model.eval()
         self.speculate = speculate
         self.guesses = self.right_guesses = 0  # speculation, over this decoder's life
         self.tokenizer = tokenizer
         self.device = next(model.parameters()).device
         if GPT2Forward.supports(model):
-            self.forward = GPT2Forward(model, batch_invariant=batch_invariant)
+            self.forward = GPT2Forward(model, batch_invariant=batch_invariant, batch_size=batch_size,
+                                       speculate=speculate)
             log.debug("decoding with the lean GPT-2 path (preallocated KV cache)")
         elif LlamaForward.supports(model):
-            self.forward = LlamaForward(model, batch_invariant=batch_invariant)
+            self.forward = LlamaForward(model, batch_invariant=batch_invariant, batch_size=batch_size)
             log.debug("decoding with the lean Llama path (preallocated KV cache)")
         else:
             self.forward = HFForward(model)
