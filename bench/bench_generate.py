@@ -1,20 +1,30 @@
-"""Generation speed: llmctl's decoder against `model.generate` on the same model, in the same process.
+"""Generation speed: llmctl's decoder against `model.generate` on the same models, in the same process.
 
-    flock -x /tmp/llmctl-cpu.lock python bench/bench_generate.py            # the issue-4 setting (about 2 min)
-    python bench/bench_generate.py --layers 2 --width 64 --repeats 1       # a quick look
+    flock -x /tmp/llmctl-cpu.lock python bench/bench_generate.py              # every case (about 12 min here)
+    python bench/bench_generate.py --case small --layers 2 --width 64 --repeats 1   # a quick look
 
-A GPT-2 with random weights (default 6 layers, 384 wide, byte vocabulary: 10.9M parameters) makes 256 new tokens
-per prompt (end-of-text ignored) from 16-token prompts, greedy and sampled (top-k 50, top-p 0.95), at batch 1 and 8;
-plus batch 8 with prompt lengths from 4 to 60 tokens (left padding). Each timing is the best of --repeats runs
-after a warm-up. Also: the time from the model being loaded to the first token (measured first, before anything
-has warmed up), and whether greedy output is token-for-token that of `model.generate`.
+Cases (--case, repeatable; all by default):
+- small: a GPT-2 with random weights (default 6 layers, 384 wide, byte vocabulary: 10.9M parameters) makes 256 new
+  tokens per prompt (end-of-text ignored) from 16-token prompts, greedy and sampled (top-k 50, top-p 0.95), at
+  batch 1 and 8; plus batch 8 with prompt lengths from 4 to 60 tokens (left padding). Also the time from the model
+  being loaded to the first token, and whether greedy output is token-for-token that of `model.generate`.
+  Targets (issue 4): >= 2x the baseline's tokens/s at batch 1, >= 1.3x at batch 8, first token within 100 ms.
+- file: 512 JSONL prompts whose completions end after 4 to 256 tokens (per-line max_new_tokens, stop strings, EOS),
+  sampled, through `llmctl.generate.run` at batch size 8 with continuous batching, with static batches
+  (generate.continuous: false), and `model.generate` in batches of 8 (each batch as long as its longest
+  completion). Tokens/s counts the completions' own tokens. Targets (issue 16): >= 1.6x static, >= 3x
+  model.generate.
+- gpt2-124m: the GPT-2 124M shape (12 x 768, vocabulary 50,257, random weights), 16-token prompts, 64 new tokens,
+  top-k 50 / top-p 0.95: batch 1 and 8 in fp32 in process, batch 8 with precision bf16 against model.generate in
+  fp32, and as whole processes (`llmctl generate` against a plain model.generate script, start-up included); and
+  where a decode step's time goes. Targets (issue 16): >= 1.5x fp32 at batch 1 and 8, >= 2x with bf16 at batch 8.
+- llama: Llama-family models (RoPE, RMSNorm, SwiGLU, grouped-query attention) of about 10M and 100M parameters,
+  greedy, 64 new tokens: the ratio against model.generate at batch 1 and 8, and greedy output identical.
 
-Greedy batch 1 is where llmctl speculates (generate.speculate): a random-weight model's greedy text soon repeats
-one token, so nearly every guess is right, which real text will not match; the speculate=false column shows the
-decoding speed without it. model.generate gets its own copy of the model (the decoder may re-lay out weights in
-place), with its weights in aligned memory as llmctl's are.
-
-Targets (issue 4): >= 2x the baseline's tokens/s at batch 1, >= 1.3x at batch 8, first token within 100 ms.
+Each timing is the best of --repeats runs after a warm-up, the contenders taking turns. model.generate gets its own
+copy of each model (the decoder may re-lay out weights in place). Greedy batch 1 is where llmctl speculates
+(generate.speculate): a random-weight model's greedy text soon repeats one token, so nearly every guess is right,
+which real text will not match; the speculate=false column shows the decoding speed without it.
 """
 
 from __future__ import annotations
@@ -39,8 +49,19 @@ def main() -> None:
     parser.add_argument("--new-tokens", type=int, default=256)
     parser.add_argument("--prompt-tokens", type=int, default=16)
     parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--case", action="append", choices=CASES, help="the cases to run (default: all)")
     args = parser.parse_args()
+    met = {}
+    for case in args.case or CASES:
+        print(f"\n=== {case}", flush=True)
+        met[case] = globals()["case_" + case.replace("-", "_")](args)
+    print("\n" + ", ".join(f"{case}: {'targets met' if ok else 'TARGETS NOT MET'}" for case, ok in met.items()))
 
+
+CASES = ("small", "file", "gpt2-124m", "llama")
+
+
+def case_small(args) -> bool:
     with tempfile.TemporaryDirectory() as tmp:
         tokenizer = to_transformers(byte_tokenizer(["<|endoftext|>"]), "<|endoftext|>")
         torch.manual_seed(0)
@@ -97,7 +118,7 @@ def main() -> None:
         for p, out in zip(mixed, our_generate(model, tokenizer, mixed, args.new_tokens, {"temperature": 0.0}))
     )
     print(f"\ngreedy output identical to model.generate (8 mixed-length prompts, batched): {same}")
-    print("all targets met" if ok and same else "TARGETS NOT MET")
+    return bool(ok and same)
 
 
 def best_of(repeats: int, *fns) -> list[float]:
@@ -129,7 +150,8 @@ def hf_generate(model, prompts: list[list[int]], new_tokens: int, settings: dict
 
 def our_generate(model, tokenizer, prompts: list[list[int]], new_tokens: int, settings: dict,
                  batch_invariant: bool = True, speculate: bool = True) -> list[list[int]]:
-    decoder = Decoder(model, tokenizer, ignore_eos=True, batch_invariant=batch_invariant, speculate=speculate)
+    decoder = Decoder(model, tokenizer, ignore_eos=True, batch_invariant=batch_invariant, speculate=speculate,
+                      batch_size=len(prompts))
     params = SamplingParams(max_new_tokens=new_tokens, **settings)
     out = {}
     for event in decoder.generate([Request(p, params, seed=i) for i, p in enumerate(prompts)]):
@@ -147,6 +169,235 @@ def time_to_first_token(model, tokenizer, prompt: list[int]) -> float:
         if isinstance(event, Finished):
             return time.perf_counter() - start
     raise RuntimeError("no token")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Case: a prompt file with mixed completion lengths (continuous batching)
+
+
+def case_file(args) -> bool:
+    import json
+    import math
+
+    from llmctl import generate
+    from llmctl.config import load_config
+
+    with tempfile.TemporaryDirectory() as tmp:
+        model_dir = save_gpt2(tmp, args.layers, args.heads, args.width)
+        baseline = load_model(model_dir).eval()
+        tokenizer = load_tokenizer(model_dir)
+        gen = torch.Generator().manual_seed(1)
+        lines, limits = [], []
+        for i in range(512):
+            words = " ".join(f"word{int(w)}" for w in torch.randint(0, 50, (3,), generator=gen))
+            limit = int(math.exp(math.log(4) + float(torch.rand((), generator=gen)) * math.log(64)))  # 4..256
+            record = {"prompt": f"{i}: {words}", "max_new_tokens": limit}
+            if i % 4 == 1:
+                record["stop"] = ["\n", "."]  # the sampled byte model writes them now and then
+            lines.append(json.dumps(record))
+            limits.append(limit)
+        prompts_path = f"{tmp}/prompts.jsonl"
+        with open(prompts_path, "w") as f:
+            f.write("\n".join(lines) + "\n")
+
+        def ours(continuous: bool) -> list[dict]:
+            config = load_config(None, [], {
+                "generate.model": model_dir, "generate.input": prompts_path, "generate.input_format": "jsonl",
+                "generate.output_format": "jsonl", "generate.batch_size": 8, "generate.continuous": continuous,
+                "generate.temperature": 1.0, "generate.top_k": 50, "generate.top_p": 0.95, "generate.seed": 0})
+            return list(generate.run(config, quiet=True))
+
+        records: list[list[dict]] = [[], []]
+        prompts = [tokenizer(json.loads(line)["prompt"])["input_ids"] for line in lines]
+
+        def theirs() -> None:
+            for start in range(0, len(prompts), 8):  # each batch runs as long as its longest completion
+                batch = prompts[start:start + 8]
+                longest = max(r["tokens"] for r in records[0][start:start + 8])
+                hf_generate(baseline, batch, max(longest, 1), {"temperature": 1.0, "top_k": 50, "top_p": 0.95})
+
+        records[0] = ours(True)  # warm-up, and the completions' lengths for the baseline
+        times = best_of(max(1, args.repeats // 5), lambda: records.__setitem__(0, ours(True)),
+                        lambda: records.__setitem__(1, ours(False)), theirs)
+    tokens = sum(r["tokens"] for r in records[0])
+    same = [{**r, "time_s": 0} for r in records[0]] == [{**r, "time_s": 0} for r in records[1]]
+    reasons = {k: sum(r["finish_reason"] == k for r in records[0]) for k in ("length", "stop", "eos")}
+    continuous, static, hf = (tokens / t for t in times)
+    print(f"512 prompts, {tokens} completion tokens (finish: {reasons}), batch size 8, sampled")
+    print(f"continuous {continuous:7.0f} t/s   static {static:7.0f} t/s ({continuous / static:.2f}x, target 1.6x)   "
+          f"model.generate {hf:7.0f} t/s ({continuous / hf:.2f}x, target 3x)")
+    print(f"continuous output identical to static batches: {same}")
+    return continuous / static >= 1.6 and continuous / hf >= 3 and same
+
+
+def save_gpt2(tmp: str, layers: int, heads: int, width: int, vocab: int | None = None) -> str:
+    """A random-weight GPT-2 and a tokenizer saved in `tmp`: the byte tokenizer, or a word-level one of `vocab`
+    tokens (`word_tokenizer`)."""
+    tokenizer = to_transformers(byte_tokenizer(["<|endoftext|>"]), "<|endoftext|>") if vocab is None else \
+        word_tokenizer(vocab)
+    torch.manual_seed(0)
+    shape = ModelConfig(n_layer=layers, n_head=heads, n_embd=width, n_positions=512)
+    build_model(shape, len(tokenizer), tokenizer.eos_token_id).save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    return tmp
+
+
+def word_tokenizer(vocab: int):
+    """A word-level tokenizer of `vocab` ids: words w0 .. w{vocab - 2} and <|endoftext|> last (GPT-2's 50,256 for
+    a 50,257-token vocabulary)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+
+    words = {f"w{i}": i for i in range(vocab - 1)}
+    words["<|endoftext|>"] = vocab - 1
+    tokenizer = Tokenizer(models.WordLevel(vocab=words, unk_token="w0"))
+    tokenizer.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tokenizer.decoder = decoders.WordPiece(prefix="##", cleanup=False)  # joins words with spaces
+    return to_transformers(tokenizer, "<|endoftext|>")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Case: GPT-2 124M
+
+
+def case_gpt2_124m(args) -> bool:
+    import subprocess
+    import sys
+
+    sampled = {"temperature": 1.0, "top_k": 50, "top_p": 0.95}
+    new = 64
+    with tempfile.TemporaryDirectory() as tmp:
+        model_dir = save_gpt2(tmp, 12, 12, 768, vocab=50257)
+        tokenizer = load_tokenizer(model_dir)
+        model, baseline = load_model(model_dir).eval(), load_model(model_dir).eval()
+        with torch.no_grad():
+            for p in baseline.parameters():
+                p.data = p.data.clone()
+        for m in (model, baseline):
+            m.generation_config.eos_token_id = None
+        gen = torch.Generator().manual_seed(0)
+        prompts = [torch.randint(0, 50256, (16,), generator=gen).tolist() for _ in range(8)]
+        repeats = max(1, args.repeats // 2)
+        ratios = {}
+        print("in process, fp32, sampled (top-k 50, top-p 0.95), 16-token prompts, 64 new tokens")
+        for label, batch in (("batch 1", prompts[:1]), ("batch 8", prompts)):
+            hf_t, our_t = best_of(repeats, lambda: hf_generate(baseline, batch, new, sampled),
+                                  lambda: our_generate(model, tokenizer, batch, new, sampled))
+            ratios[label] = hf_t / our_t
+            print(f"  {label}: model.generate {len(batch) * new / hf_t:6.1f} t/s   llmctl "
+                  f"{len(batch) * new / our_t:6.1f} t/s   {hf_t / our_t:.2f}x (target 1.5x)")
+        step_profile(model, tokenizer, prompts)
+        bf16 = load_model(model_dir, dtype=torch.bfloat16).eval()
+        bf16.generation_config.eos_token_id = None
+        hf_t, our_t = best_of(repeats, lambda: hf_generate(baseline, prompts, new, sampled),
+                              lambda: our_generate(bf16, tokenizer, prompts, new, sampled))
+        ratios["bf16 batch 8"] = hf_t / our_t
+        print(f"  precision bf16, batch 8: llmctl {8 * new / our_t:6.1f} t/s, {hf_t / our_t:.2f}x model.generate in "
+              f"fp32 (target 2x; this CPU has {'AMX' if amx() else 'no AMX'})")
+
+        print("whole processes (start-up included), 96 new tokens, sampled:")
+        text = [" ".join(f"w{i}" for i in p) for p in prompts]
+        script = ("import sys, torch\nfrom transformers import AutoModelForCausalLM, AutoTokenizer\n"
+                  "tok = AutoTokenizer.from_pretrained(sys.argv[1]); model = AutoModelForCausalLM.from_pretrained("
+                  "sys.argv[1]).eval()\nmodel.generation_config.eos_token_id = None\n"
+                  "prompts = sys.stdin.read().splitlines()\nwith torch.inference_mode():\n"
+                  "    ids = tok(prompts, return_tensors='pt')\n"
+                  "    out = model.generate(**ids, max_new_tokens=96, do_sample=True, top_k=50, top_p=0.95, "
+                  "pad_token_id=tok.pad_token_id)\n"
+                  "print('\\n'.join(tok.batch_decode(out[:, ids['input_ids'].shape[1]:])))\n")
+        for label, batch in (("batch 1", text[:1]), ("batch 8", text)):
+            stdin = "\n".join(batch) + "\n"
+            llmctl = [sys.executable, "-m", "llmctl", "generate", "-m", model_dir, "-n", "96", "--set",
+                      "generate.ignore_eos=true", "--set", f"generate.batch_size={len(batch)}"]
+            hf = [sys.executable, "-c", script, model_dir]
+            times = best_of(1, *(lambda cmd=cmd: subprocess.run(cmd, input=stdin, capture_output=True, text=True,
+                                                                check=True) for cmd in (hf, llmctl)))
+            ratios[f"process {label}"] = times[0] / times[1]
+            print(f"  {label}: model.generate script {times[0]:.2f} s   llmctl generate {times[1]:.2f} s   "
+                  f"{times[0] / times[1]:.2f}x (target 1.5x)")
+    return all(r >= (2.0 if "bf16" in k else 1.5) for k, r in ratios.items())
+
+
+def step_profile(model, tokenizer, prompts: list[list[int]]) -> None:
+    """Where a decode step's time goes: the step as a whole against its matrix products alone (the same shapes and
+    row counts, timed on their own), at batch 1 and 8."""
+    forward = Decoder(model, tokenizer, batch_size=8).forward
+    from llmctl.core.decode.loop import _left_pad
+
+    for batch in (1, 8):
+        with torch.inference_mode():
+            ids, mask = _left_pad(prompts[:batch], 0, "cpu")
+            forward.prefill(ids, mask, 40)
+            tokens = ids[:, -1]
+            for _ in range(5):
+                forward.step(tokens)
+            start = time.perf_counter()
+            for _ in range(30):
+                forward.step(tokens)
+            step = (time.perf_counter() - start) / 30
+            rows = forward.rows
+            matrices = [forward.blocks[0][i] for i in (2, 4, 8, 10)]  # c_attn, c_proj, c_fc, mlp c_proj
+            products = [(m, torch.randn(rows, m.shape[0])) for m in matrices]
+            x = {model.config.n_embd: torch.randn(rows, model.config.n_embd)}
+            start = time.perf_counter()
+            for _ in range(10):
+                for _ in range(forward.n_layer):
+                    for m, xx in products:
+                        torch.mm(xx, m)
+                torch.mm(x[model.config.n_embd], forward.weights[4])
+            products_s = (time.perf_counter() - start) / 10
+        print(f"  batch {batch} ({rows} rows in the products): a step takes {step * 1000:.1f} ms, its matrix products "
+              f"alone {products_s * 1000:.1f} ms ({products_s / step:.0%}; the output projection onto 50,257 tokens "
+              f"is {model.config.vocab_size * 768 / (model.config.vocab_size * 768 + 12 * 7 * 768 * 768):.0%} of "
+              "the weights)")
+
+
+def amx() -> bool:
+    try:
+        return "amx_tile" in open("/proc/cpuinfo").read()
+    except OSError:
+        return False
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Case: Llama-family models
+
+
+def case_llama(args) -> bool:
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    ok = True
+    for name, (layers, width, inner, heads, kv, vocab) in {
+        "~10M": (6, 384, 1024, 6, 2, 8000), "~100M": (12, 768, 2048, 12, 4, 16000)}.items():
+        with tempfile.TemporaryDirectory() as tmp:
+            tokenizer = word_tokenizer(vocab)
+            config = LlamaConfig(vocab_size=vocab, hidden_size=width, intermediate_size=inner,
+                                 num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=kv,
+                                 max_position_embeddings=512, bos_token_id=vocab - 1, eos_token_id=vocab - 1)
+            torch.manual_seed(0)
+            AutoModelForCausalLM.from_config(config).save_pretrained(tmp)
+            tokenizer.save_pretrained(tmp)
+            tokenizer = load_tokenizer(tmp)
+            model, baseline = load_model(tmp).eval(), load_model(tmp).eval()
+        for m in (model, baseline):
+            m.generation_config.eos_token_id = None
+        n = sum(p.numel() for p in model.parameters())
+        gen = torch.Generator().manual_seed(0)
+        prompts = [torch.randint(0, vocab - 1, (16,), generator=gen).tolist() for _ in range(8)]
+        greedy, new = {"temperature": 0.0}, 64
+        line = []
+        for label, batch in (("batch 1", prompts[:1]), ("batch 8", prompts)):
+            hf_t, our_t = best_of(max(1, args.repeats // 2), lambda: hf_generate(baseline, batch, new, greedy),
+                                  lambda: our_generate(model, tokenizer, batch, new, greedy))
+            line.append(f"{label}: model.generate {len(batch) * new / hf_t:6.0f} t/s, llmctl "
+                        f"{len(batch) * new / our_t:6.0f} t/s, {hf_t / our_t:.2f}x")
+            ok &= hf_t / our_t >= 1.0
+        same = our_generate(model, tokenizer, prompts, new, greedy) == [
+            hf_generate(baseline, [p], new, greedy)[0] for p in prompts]
+        ok &= same
+        print(f"Llama {name} ({n / 1e6:.0f}M parameters, {layers} x {width}, {heads} heads / {kv} key-value heads, "
+              f"vocabulary {vocab}), greedy, {new} new tokens, {Decoder(model, tokenizer).path} path:")
+        print("  " + "   ".join(line) + f"   greedy identical to model.generate: {same}")
+    return ok
 
 
 if __name__ == "__main__":

@@ -519,10 +519,11 @@ class GenerateConfig:
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
     """Weights and compute dtype; `auto` is bf16 on GPUs that support it and fp32 elsewhere."""
     batch_invariant: bool = True
-    """GPT-2 on CPU: each prompt's output is the same, bit for bit, however prompts are batched (a lone prompt goes
-    through the matrix products as two rows, as BLAS adds up a single row in another order). False takes the
-    single-row path, a few percent faster at batch 1 (and without speculation), but a sampled token can then differ
-    now and then between batch sizes."""
+    """GPT-2 and Llama on CPU: each prompt's output is the same, bit for bit, however prompts are batched (matrix
+    products take rows in counts the machine's BLAS sums alike, measured at load: see docs/generate.md; on CPUs that
+    sum rows in tiles, batch sizes 1-3 and 4+ form two such groups). False lets every product take its rows as they
+    come: faster where the BLAS needs padding or pieces (up to 1.7x at batch 8 on an AMD EPYC), but a sampled token
+    can then differ now and then between batch sizes, and continuous batching from static batches."""
     speculate: bool = True
     """Decoding a lone prompt (batch 1, or the last prompt of a batch) guesses each next token from the text so far
     (the token that followed the latest earlier occurrence of the last 1-3 tokens) and checks the guess in the same
