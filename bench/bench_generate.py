@@ -335,14 +335,14 @@ def step_profile(model, tokenizer, prompts: list[list[int]]) -> None:
                 forward.step(tokens)
             step = (time.perf_counter() - start) / 30
             rows = forward.rows
-            matrices = [forward.blocks[0][i] for i in (2, 4, 8, 10)]  # c_attn, c_proj, c_fc, mlp c_proj
-            products = [(m, torch.randn(rows, m.shape[0])) for m in matrices]
+            # every block's own matrices (c_attn, c_proj, c_fc, mlp c_proj): the weights stream from memory as in a step
+            products = [(block[i], torch.randn(rows, block[i].shape[0])) for block in forward.blocks
+                        for i in (2, 4, 8, 10)]
             x = {model.config.n_embd: torch.randn(rows, model.config.n_embd)}
             start = time.perf_counter()
             for _ in range(10):
-                for _ in range(forward.n_layer):
-                    for m, xx in products:
-                        torch.mm(xx, m)
+                for m, xx in products:
+                    torch.mm(xx, m)
                 torch.mm(x[model.config.n_embd], forward.weights[4])
             products_s = (time.perf_counter() - start) / 10
         print(f"  batch {batch} ({rows} rows in the products): a step takes {step * 1000:.1f} ms, its matrix products "

@@ -125,9 +125,13 @@ class GPT2Forward:
         self.rows = self._rows(batch)
         self.kv = self.wte.new_empty((self.n_layer, self.rows, length + max_new, 3 * self.width))  # (L, R, T, 3C)
         self.t = length
-        logits = [self._prefill_row(ids[row, start:], row) for row, start in enumerate(self.starts)]
+        prompts = [(row, ids[row, start:]) for row, start in enumerate(self.starts)]
+        if self.tile > 1:  # whole tiles keep each row's bits: the prompts go through the products together
+            logits = self._prefill_tiles(prompts)
+        else:
+            logits = torch.cat([self._prefill_row(prompt, row) for row, prompt in prompts])
         self._arrange()
-        return torch.cat(logits)
+        return logits
 
     def admit(self, row: int, ids: torch.Tensor, max_new: int) -> torch.Tensor:
         """Prefill the prompt `ids` (P,) into `row`, a finished row's (its cache is overwritten) or, with row equal
@@ -146,7 +150,7 @@ class GPT2Forward:
             self.starts.append(self.t - length)
         else:
             self.starts[row] = self.t - length
-        logits = self._prefill_row(ids, row)
+        logits = self._prefill_tiles([(row, ids)]) if self.tile > 1 else self._prefill_row(ids, row)
         self._arrange()
         return logits
 
@@ -291,6 +295,45 @@ class GPT2Forward:
             torch.addmm(x, hidden, out_w, out=x)
         x = torch.layer_norm(x[-1:], (width,), self.ln_f[0], self.ln_f[1], eps)  # (1, C): only the last position
         return F.linear(x, self.lm_head).float()  # (1, V)
+
+
+    def _prefill_tiles(self, prompts: list[tuple[int, torch.Tensor]]) -> torch.Tensor:
+        """Prefill several prompts, (row, ids (P,)) each, in one pass where rows go through the products in whole
+        tiles (`plan_rows`): every prompt's rows start a tile and are padded to whole tiles, so each row gets the
+        bits it gets prefilled alone, and the weights stream once per piece of rows instead of once per prompt.
+        Attention runs per prompt. Logits (n, V), in the order given."""
+        width, inner, heads, eps = self.width, self.inner, self.n_head, self.eps
+        tile, max_rows = self.tile, self.max_rows
+        offsets, total = [], 0
+        for _, ids in prompts:
+            offsets.append(total)
+            total += -(-ids.size(0) // tile) * tile
+        x = self.wte.new_zeros((total, width))  # (M, C): padding rows stay finite (zeros in, biases out)
+        for (_, ids), at in zip(prompts, offsets):
+            x[at:at + ids.size(0)] = F.embedding(ids, self.wte) + self.wpe[:ids.size(0)]
+        attended, hidden = self._with_ones(total, width), self._with_ones(total, inner)
+        qkv = self.wte.new_zeros((total, 3 * width))
+        for block, cache in zip(self.blocks, self.kv.unbind(0)):
+            ln1_w, ln1_b, qkv_w, qkv_b, proj_w, _, ln2_w, ln2_b, fc_w, fc_b, out_w, _ = block
+            _linear(qkv_b, torch.layer_norm(x, (width,), ln1_w, ln1_b, eps), qkv_w, max_rows, tile, qkv)
+            for (row, ids), at in zip(prompts, offsets):
+                length = ids.size(0)
+                mine = qkv[at:at + length]  # (P, 3C)
+                cache[row, :length] = mine
+                q, k, v = mine.view(1, length, 3, heads, self.head_dim).transpose(1, 3).unbind(2)  # (1, H, P, D)
+                a = F.scaled_dot_product_attention(q, k, v, is_causal=length > 1, scale=self.scale)
+                attended[at:at + length, :width].view(1, length, heads, self.head_dim).copy_(a.transpose(1, 2))
+            _linear(x, attended, proj_w, max_rows, tile, x)
+            h = hidden[:, :inner]
+            _linear(fc_b, torch.layer_norm(x, (width,), ln2_w, ln2_b, eps), fc_w, max_rows, tile, h)
+            _activate(h, self.activation)
+            _linear(x, hidden, out_w, max_rows, tile, x)
+        last = torch.stack([x[at + ids.size(0) - 1] for (_, ids), at in zip(prompts, offsets)])  # (n, C)
+        last = torch.layer_norm(_padded(last, -(-last.size(0) // tile) * tile), (width,), *self.ln_f, eps)
+        head = self.weights[4]  # (C, V), as the step multiplies by it, in the same column pieces
+        logits = torch.cat([_linear(None, last, head[:, j:j + self.head_chunk], max_rows, tile, None)
+                            for j in range(0, head.size(1), self.head_chunk)], 1)
+        return logits[:len(prompts)].float()
 
 
 # The decode step, in TorchScript's subset of Python: run by its interpreter, its ~100 small ops cost about 10% less

@@ -107,9 +107,13 @@ class LlamaForward:
         self.rows = self._rows(batch)
         self._allocate(self.rows, length + max_new)
         self.t = length
-        logits = [self._prefill_row(ids[row, start:], row) for row, start in enumerate(self.starts)]
+        prompts = [(row, ids[row, start:]) for row, start in enumerate(self.starts)]
+        if self.tile > 1:  # whole tiles keep each row's bits: the prompts go through the products together
+            logits = self._prefill_tiles(prompts)
+        else:
+            logits = torch.cat([self._prefill_row(prompt, row) for row, prompt in prompts])
         self._arrange()
-        return torch.cat(logits)
+        return logits
 
     def admit(self, row: int, ids: torch.Tensor, max_new: int) -> torch.Tensor:
         """Prefill `ids` (P,) into `row` (a finished row's, or a new last one) to decode with the others: logits
@@ -126,7 +130,7 @@ class LlamaForward:
             self.starts.append(self.t - length)
         else:
             self.starts[row] = self.t - length
-        logits = self._prefill_row(ids, row)
+        logits = self._prefill_tiles([(row, ids)]) if self.tile > 1 else self._prefill_row(ids, row)
         self._arrange()
         return logits
 
@@ -223,6 +227,41 @@ class LlamaForward:
             gate, up = (torch.rms_norm(x, [self.width], ln2, self.eps) @ gate_up_w).split([self.inner] * 2, 1)
             x = torch.addmm(x, F.silu(gate) * up, down_w)
         return self._logits(x[-1:])[:1]
+
+    def _prefill_tiles(self, prompts: list[tuple[int, torch.Tensor]]) -> torch.Tensor:
+        """Prefill several prompts, (row, ids (P,)) each, in one pass where rows go through the products in whole
+        tiles: each prompt's rows start a tile and are padded to whole tiles, so each row gets the bits it gets
+        prefilled alone (see GPT2Forward._prefill_tiles). Logits (n, V), in the order given."""
+        tile, max_rows, width = self.tile, self.max_rows, self.width
+        offsets, total = [], 0
+        for _, ids in prompts:
+            offsets.append(total)
+            total += -(-ids.size(0) // tile) * tile
+        x = self.embed.new_zeros((total, width))  # (M, C)
+        for (_, ids), at in zip(prompts, offsets):
+            x[at:at + ids.size(0)] = F.embedding(ids, self.embed)
+        for layer, (ln1, qkv_w, o_w, ln2, gate_up_w, down_w) in enumerate(self.layers):
+            qkv = _linear(None, torch.rms_norm(x, [width], ln1, self.eps), qkv_w, max_rows, tile, None)  # (M, N)
+            attended = x.new_zeros((total, self.q_out))
+            for (row, ids), at in zip(prompts, offsets):
+                length = ids.size(0)
+                cos, sin = self.cos[:length, None], self.sin[:length, None]  # (P, 1, D)
+                q, k, v = qkv[at:at + length].split([self.q_out, self.kv_out, self.kv_out], 1)
+                q = _rotate(q.view(length, self.n_head, self.head_dim), cos, sin)  # (P, H, D)
+                k = _rotate(k.view(length, self.n_kv, self.head_dim), cos, sin)  # (P, KV, D)
+                self.k[layer, row, :length] = k.view(length, self.kv_out)
+                self.v[layer, row, :length] = v
+                keys = self.k[layer, row, :length].view(length, self.n_kv, self.head_dim).transpose(0, 1)[None]
+                values = self.v[layer, row, :length].view(length, self.n_kv, self.head_dim).transpose(0, 1)[None]
+                a = F.scaled_dot_product_attention(q.transpose(0, 1)[None], keys, values, is_causal=length > 1,
+                                                   scale=self.scale, enable_gqa=self.n_kv != self.n_head)
+                attended[at:at + length] = a[0].transpose(0, 1).reshape(length, self.q_out)
+            x = _linear(x, attended, o_w, max_rows, tile, None)
+            gate_up = _linear(None, torch.rms_norm(x, [width], ln2, self.eps), gate_up_w, max_rows, tile, None)
+            gate, up = gate_up.split([self.inner, self.inner], 1)
+            x = _linear(x, F.silu(gate) * up, down_w, max_rows, tile, None)
+        last = torch.stack([x[at + ids.size(0) - 1] for (_, ids), at in zip(prompts, offsets)])  # (n, C)
+        return self._logits(_padded(last, -(-last.size(0) // tile) * tile))[:len(prompts)]
 
     def _logits(self, x: torch.Tensor) -> torch.Tensor:
         """Float logits (R, V) of the final hidden states (R, C); the output product in measured column pieces."""
