@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from llmctl.core import packing
+from llmctl.core.chunked_loss import head_cross_entropy
 
 # transformers' activation names with a faster torch kernel for the same function.
 _ACTIVATIONS = {
@@ -115,20 +116,46 @@ def lean_gpt2_hidden(model: nn.Module, idx: torch.Tensor, position_ids: torch.Te
     return F.layer_norm(x, (C,), t.ln_f.weight, t.ln_f.bias, eps)
 
 
-class CausalLMObjective(nn.Module):
-    """Next-token loss of a causal LM on (input_ids, targets), both (B, T), targets already shifted by one."""
+def plain_head(model: nn.Module) -> torch.Tensor | None:
+    """The output projection's weight (V, C) of a causal LM whose logits are exactly hidden @ weight.T (a head of
+    one of `_PLAIN_HEAD_TYPES`: an nn.Linear without bias and without an adapter), else None."""
+    inner = _unpeft(model)
+    if getattr(getattr(inner, "config", None), "model_type", None) not in _PLAIN_HEAD_TYPES:
+        return None
+    head = inner.get_output_embeddings() if hasattr(inner, "get_output_embeddings") else None
+    return head.weight if type(head) is nn.Linear and head.bias is None else None
 
-    def __init__(self, model: nn.Module, lean: bool = True):
+
+class CausalLMObjective(nn.Module):
+    """Next-token loss of a causal LM on (input_ids, targets), both (B, T), targets already shifted by one.
+
+    Where the head is a plain projection (`plain_head`) and `chunked`, the loss goes through it in chunks of rows
+    (`head_cross_entropy`): the full (B, T, V) logits are never made. FSDP passes chunked=False (its parameters are
+    gathered per module call, which a loss that keeps the head's gradient from its forward would bypass)."""
+
+    def __init__(self, model: nn.Module, lean: bool = True, chunked: bool = True):
         super().__init__()
         self.model = model
         self.lean = lean and supports_lean(model)
+        self.chunked = chunked and plain_head(model) is not None
+        self._inner = [_unpeft(model)]  # a list: not registered twice as a submodule
 
     def forward(self, input_ids: torch.Tensor, targets: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
-        if self.lean:
+        if self.chunked:
+            if self.lean:
+                hidden = lean_gpt2_hidden(self.model, input_ids)  # (B, T, C)
+            else:
+                hidden = self._inner[0].base_model(input_ids=input_ids, use_cache=False)[0]
+            flat = targets.flatten()
+            loss = head_cross_entropy(hidden.flatten(0, 1), plain_head(self.model), flat)
+            if reduction == "mean":
+                return loss / (flat != -100).sum().clamp(min=1)
+        elif self.lean:
             logits = lean_gpt2_logits(self.model, input_ids)
         else:
             logits = self.model(input_ids=input_ids, use_cache=False).logits
-        loss = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), reduction=reduction)
+        if not self.chunked:
+            loss = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), reduction=reduction)
         if reduction == "sum":
             count = torch.tensor(float(targets.numel()), device=loss.device)
             return torch.stack([loss.detach(), count, torch.zeros_like(count)])
@@ -170,10 +197,11 @@ class SFTObjective(nn.Module):
     tokens, or with `reduction="sum"` `[loss_sum, targets, 0]`.
     """
 
-    def __init__(self, model: nn.Module, lean: bool = True):
+    def __init__(self, model: nn.Module, lean: bool = True, chunked: bool = True):
         super().__init__()
         self.model = model
         self.lean = lean and supports_lean(model)
+        self.chunked = chunked and plain_head(model) is not None
         inner = model.get_base_model() if hasattr(model, "get_base_model") else model  # a peft model's own model
         self._split = getattr(inner.config, "model_type", None) in _PLAIN_HEAD_TYPES
         self._inner = [inner]  # a list: not registered twice as a submodule
@@ -182,7 +210,15 @@ class SFTObjective(nn.Module):
                 reduction: str = "mean") -> torch.Tensor:
         picked = targets != -100  # (B, T)
         wanted = targets[picked]  # (N,)
-        if self.lean:
+        if self.chunked:
+            if self.lean:
+                hidden = lean_gpt2_hidden(self.model, input_ids, position_ids)  # (B, T, C)
+            else:
+                inner = self._inner[0]
+                with packing.attention_for(inner, packed=position_ids is not None):
+                    hidden = inner.base_model(input_ids=input_ids, position_ids=position_ids, use_cache=False)[0]
+            loss = head_cross_entropy(hidden[picked], plain_head(self.model), wanted)
+        elif self.lean:
             hidden = lean_gpt2_hidden(self.model, input_ids, position_ids)  # (B, T, C)
             logits = self.model.lm_head(hidden[picked])  # (N, V)
         else:
@@ -194,7 +230,8 @@ class SFTObjective(nn.Module):
                 else:
                     logits = self.model(input_ids=input_ids, position_ids=position_ids, use_cache=False).logits
                     logits = logits[picked]
-        loss = F.cross_entropy(logits.float(), wanted, reduction="sum")
+        if not self.chunked:
+            loss = F.cross_entropy(logits.float(), wanted, reduction="sum")
         count = wanted.numel()
         if reduction == "sum":
             n = torch.tensor(float(count), device=loss.device)

@@ -163,7 +163,7 @@ def _train(cfg: Config, dist: Dist, device: torch.device, *, force: bool, quiet:
         hf_model = apply_lora(hf_model, cfg, t.task, new_tokens=list(range(own_size, len(tokenizer))))
         context = _context(t.context, hf_model, default=1024)
         data, data_hash, sft_stats = load_sft(cfg, tokenizer, template, context, t.batch_size * t.grad_accum)
-        objective = SFTObjective(hf_model, lean=cfg.model.lean and not fsdp)
+        objective = SFTObjective(hf_model, lean=cfg.model.lean and not fsdp, chunked=not fsdp)
     else:
         data, tokenizer, meta, data_hash = load_token_data(cfg, dist, quiet)
         hf_model = causal_lm(cfg, tokenizer, meta)
@@ -177,7 +177,7 @@ def _train(cfg: Config, dist: Dist, device: torch.device, *, force: bool, quiet:
                 f"({t.batch_size} x {t.grad_accum} x {context} tokens); lower train.batch_size or train.context, or "
                 f"add data"
             )
-        objective = CausalLMObjective(hf_model, lean=cfg.model.lean and not fsdp)
+        objective = CausalLMObjective(hf_model, lean=cfg.model.lean and not fsdp, chunked=not fsdp)
 
     global_batch = t.batch_size * t.grad_accum
     if global_batch % dist.world_size:
