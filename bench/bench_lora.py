@@ -14,6 +14,7 @@ Random token ids (context 256, batch 4) stand in for the data. Each case runs in
     full   `llmctl train` fine-tuning every weight (model.pretrained = the base)
     lora   the same command with `lora.enabled=true` (r=16, alpha 32, dropout 0, auto targets: the attention and
            MLP projections), same batch, same precision
+    lora-ckpt  the same with `train.activation_checkpointing=true` (each block recomputed in the backward pass)
     trl    trl `SFTTrainer` with `peft_config=LoraConfig(...)` of the same settings on the same token windows, same
            batch, same precision (bf16 autocast where llmctl picks it), no evaluation, no saving
 Tokens/s counts the steps after the first (llmctl: from metrics.jsonl, trl: timed by a callback). The checkpoint is
@@ -94,7 +95,7 @@ def make_data(shape: str, base: Path, path: Path, n_tokens: int) -> None:
 # One case, in its own process
 
 
-def case_llmctl(base: Path, data: Path, out: Path, steps: int, lora: bool) -> dict:
+def case_llmctl(base: Path, data: Path, out: Path, steps: int, lora: bool, recompute: bool = False) -> dict:
     sets = {
         "run.out_dir": str(out), "data.dir": str(data), "model.pretrained": str(base),
         "train.max_steps": steps, "train.batch_size": BATCH, "train.context": CONTEXT, "train.eval_interval": 0,
@@ -102,6 +103,8 @@ def case_llmctl(base: Path, data: Path, out: Path, steps: int, lora: bool) -> di
     }
     if lora:
         sets.update({"lora.enabled": "true", "lora.rank": RANK, "lora.alpha": ALPHA})
+    if recompute:
+        sets["train.activation_checkpointing"] = "true"
     args = [a for k, v in sets.items() for a in ("--set", f"{k}={v}")]
     from llmctl import cli
 
@@ -164,7 +167,8 @@ def run_case(args) -> None:
     if args.case == "trl":
         result = case_trl(base, data, out, args.steps, args.bf16)
     else:
-        result = case_llmctl(base, data, out, args.steps, lora=args.case == "lora")
+        result = case_llmctl(base, data, out, args.steps, lora=args.case.startswith("lora"),
+                             recompute=args.case == "lora-ckpt")
     result["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
     print("RESULT " + json.dumps(result))
 
@@ -191,7 +195,7 @@ def main() -> None:
     parser.add_argument("--shapes", nargs="+", default=list(SHAPES), choices=list(SHAPES))
     parser.add_argument("--steps", type=int, default=4, help="optimizer steps per case (the first is not timed)")
     parser.add_argument("--skip-trl", action="store_true", help="leave out the trl + peft baseline")
-    parser.add_argument("--case", choices=["full", "lora", "trl"], help=argparse.SUPPRESS)
+    parser.add_argument("--case", choices=["full", "lora", "lora-ckpt", "trl"], help=argparse.SUPPRESS)
     parser.add_argument("--base", help=argparse.SUPPRESS)
     parser.add_argument("--data", help=argparse.SUPPRESS)
     parser.add_argument("--out", help=argparse.SUPPRESS)
@@ -213,7 +217,7 @@ def main() -> None:
             make_data(shape, base, data, CONTEXT * BATCH * (args.steps + 4) * 2)
             model_bytes = sum(f.stat().st_size for f in base.glob("*.safetensors"))
             results = {}
-            for case in ("full", "lora"):
+            for case in ("full", "lora", "lora-ckpt"):
                 results[case] = spawn(case, base, data, root / f"{shape}-{case}", args.steps)
             if have_trl:
                 lora = results["lora"]
@@ -240,9 +244,20 @@ def report(shape: str, model_bytes: int, results: dict) -> None:
         checks.append(("tokens/s, LoRA / full", lora["tokens_per_s"] / full["tokens_per_s"], ">=", 1.2))
     if isinstance(trl, dict):
         checks.append(("tokens/s, LoRA / trl + peft", lora["tokens_per_s"] / trl["tokens_per_s"], ">=", 1.3))
+    recompute = results.get("lora-ckpt")
+    if isinstance(recompute, dict) and isinstance(full, dict):
+        checks.append(("with activation checkpointing:", None, "", None))
+        checks.append(("  peak RSS, LoRA / full", recompute["peak_rss_mb"] / full["peak_rss_mb"], "<=", 0.60))
+        checks.append(("  tokens/s, LoRA / full", recompute["tokens_per_s"] / full["tokens_per_s"], ">=", 1.2))
+        if isinstance(trl, dict):
+            checks.append(("  tokens/s, LoRA / trl + peft", recompute["tokens_per_s"] / trl["tokens_per_s"], ">=",
+                           1.3))
     checks.append(("checkpoint / model", lora["checkpoint_bytes"] / model_bytes, "<=", 0.05))
     checks.append(("adapter file / model", lora["adapter_bytes"] / model_bytes, "", None))
     for name, value, op, target in checks:
+        if value is None:
+            print(f"  {name}")
+            continue
         met = "" if target is None else ("  ok" if (value <= target if op == "<=" else value >= target) else "  MISSED")
         goal = f"(target {op} {target})" if target is not None else ""
         print(f"  {name:<30}{value:>8.3f}  {goal}{met}")

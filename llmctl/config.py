@@ -385,6 +385,10 @@ class TrainConfig:
     AMX for models 256 or more wide (2x faster there, same loss), fp32 elsewhere (bf16 crawls on CPUs without AMX)."""
     compile: bool = False
     """Compile the model with torch.compile; off because on small models its start-up time outweighs its gain."""
+    activation_checkpointing: bool = False
+    """Keep only each transformer block's input in the forward pass and recompute the rest in the backward pass:
+    activations take a block's worth instead of every block's, for about a third more compute per step. Pays where
+    activations dominate memory: LoRA fine-tuning, long contexts."""
     keep_checkpoints: int = 2
     """How many of the latest checkpoints to keep (the best one is kept as well)."""
     resume: Literal[False, True, "auto"] = False

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+import torch.utils.checkpoint
 from torch import nn
 
 from llmctl.core import packing
@@ -76,44 +77,55 @@ def _project(layer: nn.Module, h: torch.Tensor) -> torch.Tensor:
     return torch.addmm(layer.bias, h, layer.weight)
 
 
-def lean_gpt2_logits(model: nn.Module, idx: torch.Tensor) -> torch.Tensor:
+def lean_gpt2_logits(model: nn.Module, idx: torch.Tensor, checkpoint: bool = False) -> torch.Tensor:
     """GPT-2's forward pass (no cache, no padding) from a transformers GPT2LMHeadModel's own parameters."""
     model = _unpeft(model)
-    return model.lm_head(lean_gpt2_hidden(model, idx))  # (B, T, V)
+    return model.lm_head(lean_gpt2_hidden(model, idx, checkpoint=checkpoint))  # (B, T, V)
 
 
-def lean_gpt2_hidden(model: nn.Module, idx: torch.Tensor, position_ids: torch.Tensor | None = None) -> torch.Tensor:
+def lean_gpt2_hidden(model: nn.Module, idx: torch.Tensor, position_ids: torch.Tensor | None = None,
+                     checkpoint: bool = False) -> torch.Tensor:
     """The final hidden states (B, T, C) of GPT-2's forward pass. With `position_ids` (B, T) restarting at 0 where
-    each packed example starts, every example attends within itself only (llmctl.core.packing)."""
+    each packed example starts, every example attends within itself only (llmctl.core.packing). With `checkpoint`
+    (training), each block keeps only its input and recomputes the rest in the backward pass (the same dropout
+    masks: torch's checkpoint replays the random state)."""
     model = _unpeft(model)
     config = model.config
     t = model.transformer
     B, T = idx.shape
-    C = config.n_embd
-    nh = config.n_head
-    eps = config.layer_norm_epsilon
-    train = model.training
-    act = _ACTIVATIONS[config.activation_function]
     pos = t.wpe.weight[:T] if position_ids is None else t.wpe(position_ids)  # (T, C) or (B, T, C)
     examples = None if position_ids is None else packing.segments(position_ids)
     x = t.wte(idx) + pos  # (B, T, C)
-    x = F.dropout(x, config.embd_pdrop, train)
+    x = F.dropout(x, config.embd_pdrop, model.training)
+    recompute = checkpoint and model.training and torch.is_grad_enabled()
     for block in t.h:
-        attn, mlp = block.attn, block.mlp
-        h = F.layer_norm(x, (C,), block.ln_1.weight, block.ln_1.bias, eps).view(B * T, C)
-        qkv = _project(attn.c_attn, h)  # (B*T, 3C)
-        q, k, v = qkv.view(B, T, 3, nh, C // nh).permute(2, 0, 3, 1, 4).unbind(0)  # each (B, nh, T, hs)
-        dropout = config.attn_pdrop if train else 0.0
-        if examples is None:
-            y = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout, is_causal=True).transpose(1, 2)
+        if recompute:
+            x = torch.utils.checkpoint.checkpoint(_lean_block, block, x, config, examples, model.training,
+                                                  use_reentrant=False)
         else:
-            y = packing.attend(q, k, v, examples, dropout=dropout)  # (B, T, nh, hs)
-        y = y.reshape(B * T, C)  # (B*T, C)
-        x = x + F.dropout(_project(attn.c_proj, y), config.resid_pdrop, train).view(B, T, C)
-        h = F.layer_norm(x, (C,), block.ln_2.weight, block.ln_2.bias, eps).view(B * T, C)
-        h = act(_project(mlp.c_fc, h))  # (B*T, 4C)
-        x = x + F.dropout(_project(mlp.c_proj, h), config.resid_pdrop, train).view(B, T, C)
-    return F.layer_norm(x, (C,), t.ln_f.weight, t.ln_f.bias, eps)
+            x = _lean_block(block, x, config, examples, model.training)
+    return F.layer_norm(x, (config.n_embd,), t.ln_f.weight, t.ln_f.bias, config.layer_norm_epsilon)
+
+
+def _lean_block(block: nn.Module, x: torch.Tensor, config, examples, train: bool) -> torch.Tensor:
+    """One GPT-2 block on x (B, T, C)."""
+    B, T, C = x.shape
+    nh, eps = config.n_head, config.layer_norm_epsilon
+    act = _ACTIVATIONS[config.activation_function]
+    attn, mlp = block.attn, block.mlp
+    h = F.layer_norm(x, (C,), block.ln_1.weight, block.ln_1.bias, eps).view(B * T, C)
+    qkv = _project(attn.c_attn, h)  # (B*T, 3C)
+    q, k, v = qkv.view(B, T, 3, nh, C // nh).permute(2, 0, 3, 1, 4).unbind(0)  # each (B, nh, T, hs)
+    dropout = config.attn_pdrop if train else 0.0
+    if examples is None:
+        y = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout, is_causal=True).transpose(1, 2)
+    else:
+        y = packing.attend(q, k, v, examples, dropout=dropout)  # (B, T, nh, hs)
+    y = y.reshape(B * T, C)  # (B*T, C)
+    x = x + F.dropout(_project(attn.c_proj, y), config.resid_pdrop, train).view(B, T, C)
+    h = F.layer_norm(x, (C,), block.ln_2.weight, block.ln_2.bias, eps).view(B * T, C)
+    h = act(_project(mlp.c_fc, h))  # (B*T, 4C)
+    return x + F.dropout(_project(mlp.c_proj, h), config.resid_pdrop, train).view(B, T, C)
 
 
 def plain_head(model: nn.Module) -> torch.Tensor | None:
@@ -124,6 +136,18 @@ def plain_head(model: nn.Module) -> torch.Tensor | None:
         return None
     head = inner.get_output_embeddings() if hasattr(inner, "get_output_embeddings") else None
     return head.weight if type(head) is nn.Linear and head.bias is None else None
+
+
+def enable_checkpointing(objective: nn.Module) -> None:
+    """Activation checkpointing for an objective's model: per block in the lean GPT-2 pass, through transformers'
+    own gradient checkpointing (non-reentrant) for any other model."""
+    objective.checkpoint = True
+    if not getattr(objective, "lean", False):
+        model = _unpeft(objective.model)
+        if hasattr(model, "activation_checkpointing_enable"):  # transformers 5.x's name
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        else:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
 
 
 class CausalLMObjective(nn.Module):
@@ -138,12 +162,13 @@ class CausalLMObjective(nn.Module):
         self.model = model
         self.lean = lean and supports_lean(model)
         self.chunked = chunked and plain_head(model) is not None
+        self.checkpoint = False  # recompute block activations in the backward pass (`enable_checkpointing`)
         self._inner = [_unpeft(model)]  # a list: not registered twice as a submodule
 
     def forward(self, input_ids: torch.Tensor, targets: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
         if self.chunked:
             if self.lean:
-                hidden = lean_gpt2_hidden(self.model, input_ids)  # (B, T, C)
+                hidden = lean_gpt2_hidden(self.model, input_ids, checkpoint=self.checkpoint)  # (B, T, C)
             else:
                 hidden = self._inner[0].base_model(input_ids=input_ids, use_cache=False)[0]
             flat = targets.flatten()
@@ -151,7 +176,7 @@ class CausalLMObjective(nn.Module):
             if reduction == "mean":
                 return loss / (flat != -100).sum().clamp(min=1)
         elif self.lean:
-            logits = lean_gpt2_logits(self.model, input_ids)
+            logits = lean_gpt2_logits(self.model, input_ids, self.checkpoint)
         else:
             logits = self.model(input_ids=input_ids, use_cache=False).logits
         if not self.chunked:
@@ -202,6 +227,7 @@ class SFTObjective(nn.Module):
         self.model = model
         self.lean = lean and supports_lean(model)
         self.chunked = chunked and plain_head(model) is not None
+        self.checkpoint = False  # recompute block activations in the backward pass (`enable_checkpointing`)
         inner = model.get_base_model() if hasattr(model, "get_base_model") else model  # a peft model's own model
         self._split = getattr(inner.config, "model_type", None) in _PLAIN_HEAD_TYPES
         self._inner = [inner]  # a list: not registered twice as a submodule
@@ -212,14 +238,14 @@ class SFTObjective(nn.Module):
         wanted = targets[picked]  # (N,)
         if self.chunked:
             if self.lean:
-                hidden = lean_gpt2_hidden(self.model, input_ids, position_ids)  # (B, T, C)
+                hidden = lean_gpt2_hidden(self.model, input_ids, position_ids, self.checkpoint)  # (B, T, C)
             else:
                 inner = self._inner[0]
                 with packing.attention_for(inner, packed=position_ids is not None):
                     hidden = inner.base_model(input_ids=input_ids, position_ids=position_ids, use_cache=False)[0]
             loss = head_cross_entropy(hidden[picked], plain_head(self.model), wanted)
         elif self.lean:
-            hidden = lean_gpt2_hidden(self.model, input_ids, position_ids)  # (B, T, C)
+            hidden = lean_gpt2_hidden(self.model, input_ids, position_ids, self.checkpoint)  # (B, T, C)
             logits = self.model.lm_head(hidden[picked])  # (N, V)
         else:
             inner = self._inner[0]

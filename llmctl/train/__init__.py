@@ -179,6 +179,10 @@ def _train(cfg: Config, dist: Dist, device: torch.device, *, force: bool, quiet:
             )
         objective = CausalLMObjective(hf_model, lean=cfg.model.lean and not fsdp, chunked=not fsdp)
 
+    if t.activation_checkpointing:
+        from llmctl.core.fastgpt import enable_checkpointing
+
+        enable_checkpointing(objective)
     global_batch = t.batch_size * t.grad_accum
     if global_batch % dist.world_size:
         raise ConfigError(
