@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from llmctl.core.decode.layout import TILE, _aligned, _attention_keeps_row_bits, _augmented, plan_rows
+from llmctl.core.decode.rows import RowBatch, padded, tiled_offsets
 from llmctl.core.decode.script import _scripted
 
 log = logging.getLogger(__name__)
@@ -20,7 +21,7 @@ log = logging.getLogger(__name__)
 # Forwards: prefill a left-padded batch, then one token per row per step
 
 
-class GPT2Forward:
+class GPT2Forward(RowBatch):
     """GPT-2 (`GPT2LMHeadModel`) decoding over the model's own weights with a preallocated KV cache.
 
     The same operations as transformers' GPT-2 with sdpa attention (addmm for its Conv1D layers, layer norms,
@@ -112,47 +113,17 @@ class GPT2Forward:
         self.biases = [torch.stack([block[i] for block in self.blocks])[:, None] for i in (3, 9)]
         self.decode_step = None  # compiled at the first step, after the first token
 
-    def prefill(self, ids: torch.Tensor, mask: torch.Tensor, max_new: int) -> torch.Tensor:
-        """Start decoding a left-padded batch: logits (B, V). Rows should come longest prompt first (so that rows
-        of equal length sit together)."""
-        batch, length = ids.shape
-        # Each row's tokens sit in its cache from column 0. `t` counts steps the same for every row, and a row's
-        # start is t minus its length: its position, and the column its next token goes in, is t - start.
-        self.starts = [length - n for n in mask.sum(-1).tolist()]
-        # Per layer, the c_attn output of every token: (R, T, 3C), time-major, so that the query, key and value of
-        # one step are one row that addmm writes in place (out=) where every row is at the same column, and a row's
-        # keys are a strided view. R >= B: the physical rows of the matrix products (see `_decode_step`).
-        self.rows = self._rows(batch)
-        self.kv = self.wte.new_empty((self.n_layer, self.rows, length + max_new, 3 * self.width))  # (L, R, T, 3C)
-        self.t = length
-        prompts = [(row, ids[row, start:]) for row, start in enumerate(self.starts)]
-        if self.tile > 1:  # whole tiles keep each row's bits: the prompts go through the products together
-            logits = self._prefill_tiles(prompts)
-        else:
-            logits = torch.cat([self._prefill_row(prompt, row) for row, prompt in prompts])
-        self._arrange()
-        return logits
+    def _allocate(self, rows: int, columns: int) -> None:
+        """The cache: per layer, the c_attn output of every token, (R, T, 3C), time-major, so that the query, key
+        and value of one step are one row that addmm writes in place (out=) where every row is at the same column,
+        and a row's keys are a strided view."""
+        self.kv = self.wte.new_empty((self.n_layer, rows, columns, 3 * self.width))  # (L, R, T, 3C)
 
-    def admit(self, row: int, ids: torch.Tensor, max_new: int) -> torch.Tensor:
-        """Prefill the prompt `ids` (P,) into `row`, a finished row's (its cache is overwritten) or, with row equal
-        to the number of rows, a new last one, to decode `max_new` tokens with the others: its logits (1, V). The
-        prompt is prefilled alone, as `prefill` does each row, so the row's bits are what a batch of its own gives."""
-        (length,), batch = ids.shape, len(self.starts) + (row == len(self.starts))
-        rows, need = self._rows(batch), length + max_new
-        if rows > self.kv.size(1) or need > self.kv.size(2):
-            # grown by whole blocks of columns, so that a run of longer prompts copies the cache a few times only
-            width = max(self.kv.size(2), -(-need // 64) * 64)
-            grown = self.kv.new_empty((self.n_layer, max(rows, self.kv.size(1)), width, 3 * self.width))
-            grown[:, :self.kv.size(1), :self.kv.size(2)] = self.kv
-            self.kv = grown
-        self.rows = rows
-        if row == len(self.starts):
-            self.starts.append(self.t - length)
-        else:
-            self.starts[row] = self.t - length
-        logits = self._prefill_tiles([(row, ids)]) if self.tile > 1 else self._prefill_row(ids, row)
-        self._arrange()
-        return logits
+    def _caches(self) -> list[torch.Tensor]:
+        return [self.kv]
+
+    def _set_caches(self, caches: list[torch.Tensor]) -> None:
+        (self.kv,) = caches
 
     def step(self, tokens: torch.Tensor, guess: int | None = None) -> torch.Tensor:
         """Logits (B, V) after feeding each row its next token, (B,). With a `guess` (a lone row, where
@@ -192,12 +163,6 @@ class GPT2Forward:
         """The guess of the last step was right: its key and value stay in the cache."""
         self.t += 1
 
-    def select(self, rows: torch.Tensor) -> None:
-        self.starts = [self.starts[i] for i in rows.tolist()]
-        self.rows = self._rows(len(rows))
-        self.kv = self.kv[:, _padded(rows, self.rows)]
-        self._arrange()
-
     def _plan_layouts(self, block: list[torch.nn.Parameter], head: torch.Tensor, tiled: bool, speculate: bool
                       ) -> tuple[dict[int, bool], torch.Tensor]:
         """Each matrix's memory layout and the row counts for row-stable products (see `plan_rows`): which of a
@@ -224,11 +189,6 @@ class GPT2Forward:
         if not plan.transposed[-1]:
             head = head.contiguous()
         return dict(zip(indices, plan.transposed)), head
-
-    def _rows(self, batch: int) -> int:
-        if not self.invariant:
-            return batch
-        return -(-batch // self.tile) * self.tile if self.tile > 1 else max(batch, self.min_rows)
 
     def _arrange(self) -> None:
         # rows of equal length share attention calls where that keeps their bits (see `_attention_keeps_row_bits`)
@@ -274,40 +234,13 @@ class GPT2Forward:
         buffer[..., -1] = 1
         return buffer
 
-    def _prefill_row(self, ids: torch.Tensor, row: int) -> torch.Tensor:
-        """Run one prompt (L,) through the blocks, filling its cache's first L columns; logits (1, V). The same
-        arrangement as a decode step: the projections onto x augmented and in place, the activation on a strided
-        view (see `_decode_step`)."""
-        (length,), width, inner, heads, eps = ids.shape, self.width, self.inner, self.n_head, self.eps
-        x = F.embedding(ids, self.wte) + self.wpe[:length]  # (L, C)
-        attended, hidden = self._with_ones(length, width), self._with_ones(length, inner)
-        for block, cache in zip(self.blocks, self.kv.unbind(0)):
-            ln1_w, ln1_b, qkv_w, qkv_b, proj_w, _, ln2_w, ln2_b, fc_w, fc_b, out_w, _ = block
-            qkv = cache[row, :length]  # (L, 3C)
-            torch.addmm(qkv_b, torch.layer_norm(x, (width,), ln1_w, ln1_b, eps), qkv_w, out=qkv)
-            q, k, v = qkv.view(1, length, 3, heads, self.head_dim).transpose(1, 3).unbind(2)  # 3 x (1, H, L, D)
-            a = F.scaled_dot_product_attention(q, k, v, is_causal=length > 1, scale=self.scale)
-            attended[:, :width].view(1, length, heads, self.head_dim).copy_(a.transpose(1, 2))
-            torch.addmm(x, attended, proj_w, out=x)
-            h = hidden[:, :inner]
-            torch.addmm(fc_b, torch.layer_norm(x, (width,), ln2_w, ln2_b, eps), fc_w, out=h)
-            _activate(h, self.activation)
-            torch.addmm(x, hidden, out_w, out=x)
-        x = torch.layer_norm(x[-1:], (width,), self.ln_f[0], self.ln_f[1], eps)  # (1, C): only the last position
-        return F.linear(x, self.lm_head).float()  # (1, V)
-
-
-    def _prefill_tiles(self, prompts: list[tuple[int, torch.Tensor]]) -> torch.Tensor:
-        """Prefill several prompts, (row, ids (P,)) each, in one pass where rows go through the products in whole
-        tiles (`plan_rows`): every prompt's rows start a tile and are padded to whole tiles, so each row gets the
-        bits it gets prefilled alone, and the weights stream once per piece of rows instead of once per prompt.
-        Attention runs per prompt. Logits (n, V), in the order given."""
-        width, inner, heads, eps = self.width, self.inner, self.n_head, self.eps
-        tile, max_rows = self.tile, self.max_rows
-        offsets, total = [], 0
-        for _, ids in prompts:
-            offsets.append(total)
-            total += -(-ids.size(0) // tile) * tile
+    def _pass(self, prompts: list[tuple[int, torch.Tensor]], max_rows: int) -> torch.Tensor:
+        """Prompts, (row, ids (P,)) each, through the blocks in one pass, filling their rows' first P cache columns
+        (see `RowBatch._prefill`): the arrangement of a decode step (the projections onto x augmented and in place,
+        the activation on a strided view), products in pieces of at most `max_rows` rows (0: all at once), each
+        prompt's rows starting a tile and padded to whole tiles, attention per prompt. Logits (n, V)."""
+        width, inner, heads, eps, tile = self.width, self.inner, self.n_head, self.eps, self.tile
+        offsets, total = tiled_offsets(prompts, tile)
         x = self.wte.new_zeros((total, width))  # (M, C): padding rows stay finite (zeros in, biases out)
         for (_, ids), at in zip(prompts, offsets):
             x[at:at + ids.size(0)] = F.embedding(ids, self.wte) + self.wpe[:ids.size(0)]
@@ -329,7 +262,7 @@ class GPT2Forward:
             _activate(h, self.activation)
             _linear(x, hidden, out_w, max_rows, tile, x)
         last = torch.stack([x[at + ids.size(0) - 1] for (_, ids), at in zip(prompts, offsets)])  # (n, C)
-        last = torch.layer_norm(_padded(last, -(-last.size(0) // tile) * tile), (width,), *self.ln_f, eps)
+        last = torch.layer_norm(padded(last, -(-last.size(0) // tile) * tile), (width,), *self.ln_f, eps)
         head = self.weights[4]  # (C, V), as the step multiplies by it, in the same column pieces
         logits = torch.cat([_linear(None, last, head[:, j:j + self.head_chunk], max_rows, tile, None)
                             for j in range(0, head.size(1), self.head_chunk)], 1)
@@ -365,7 +298,7 @@ def _decode_step(tokens: torch.Tensor, starts: torch.Tensor, row_base: torch.Ten
         tokens = torch.cat([tokens, tokens.new_full([1], guess)])
     batch = tokens.size(0)
     # spare rows (a lone row doubled, a batch padded to whole tiles) repeat the last row
-    torch.index_select(weights[0], 0, tokens if rows == batch else _padded(tokens, rows), out=x)  # (R, C)
+    torch.index_select(weights[0], 0, tokens if rows == batch else padded(tokens, rows), out=x)  # (R, C)
     scattered = row_base.numel() > 0
     column = t - groups[0][2]  # the first row's column (every row's, where not scattered)
     if len(groups) == 1:  # one position for all rows (two in a row for a guess): a view of the table
@@ -377,7 +310,7 @@ def _decode_step(tokens: torch.Tensor, starts: torch.Tensor, row_base: torch.Ten
     else:
         positions = t - starts
         if rows > batch:
-            positions = _padded(positions, rows)
+            positions = padded(positions, rows)
         x += torch.index_select(weights[1], 0, positions, out=embedded)
         flat = row_base + positions if scattered else row_base
     width = x.size(1)
@@ -450,13 +383,6 @@ def _linear(bias: torch.Tensor | None, x: torch.Tensor, weight: torch.Tensor, ma
         results.append(_addmm(piece_bias, piece, weight, piece_out))
         start = end
     return torch.cat(results) if out is None else out
-
-
-def _padded(values: torch.Tensor, rows: int) -> torch.Tensor:
-    """`values` (B, ...) with its last row repeated up to `rows` rows."""
-    if values.size(0) >= rows:
-        return values
-    return torch.cat([values, values[-1:].expand([rows - values.size(0)] + list(values.shape[1:]))])
 
 
 def _addmm(bias: torch.Tensor | None, x: torch.Tensor, weight: torch.Tensor, out: torch.Tensor | None) -> torch.Tensor:

@@ -10,13 +10,14 @@ import logging
 import torch
 import torch.nn.functional as F
 
-from llmctl.core.decode.gpt2 import _linear, _padded, _runs
+from llmctl.core.decode.gpt2 import _linear, _runs
 from llmctl.core.decode.layout import TILE, _attention_keeps_row_bits, plan_rows
+from llmctl.core.decode.rows import RowBatch, padded, tiled_offsets
 
 log = logging.getLogger(__name__)
 
 
-class LlamaForward:
+class LlamaForward(RowBatch):
     """`LlamaForCausalLM` decoding without the per-call machinery of transformers' forward (module calls, mask
     building, cache objects, output classes: about half a small model's step).
 
@@ -99,54 +100,13 @@ class LlamaForward:
     # -----------------------------------------------------------------------------------------------------------
     # The batch
 
-    def prefill(self, ids: torch.Tensor, mask: torch.Tensor, max_new: int) -> torch.Tensor:
-        """Start decoding a left-padded batch: logits (B, V). As GPT2Forward: each row's tokens sit in its cache
-        from column 0, `t` counts steps for every row, and a row's position is t minus its start."""
-        batch, length = ids.shape
-        self.starts = [length - n for n in mask.sum(-1).tolist()]
-        self.rows = self._rows(batch)
-        self._allocate(self.rows, length + max_new)
-        self.t = length
-        prompts = [(row, ids[row, start:]) for row, start in enumerate(self.starts)]
-        if self.tile > 1:  # whole tiles keep each row's bits: the prompts go through the products together
-            logits = self._prefill_tiles(prompts)
-        else:
-            logits = torch.cat([self._prefill_row(prompt, row) for row, prompt in prompts])
-        self._arrange()
-        return logits
+    def _caches(self) -> list[torch.Tensor]:
+        return [self.k, self.v]
 
-    def admit(self, row: int, ids: torch.Tensor, max_new: int) -> torch.Tensor:
-        """Prefill `ids` (P,) into `row` (a finished row's, or a new last one) to decode with the others: logits
-        (1, V). See GPT2Forward.admit."""
-        (length,), batch = ids.shape, len(self.starts) + (row == len(self.starts))
-        rows, need = self._rows(batch), length + max_new
-        if rows > self.k.size(1) or need > self.k.size(2):
-            old_k, old_v = self.k, self.v
-            self._allocate(max(rows, old_k.size(1)), max(old_k.size(2), -(-need // 64) * 64))
-            self.k[:, :old_k.size(1), :old_k.size(2)] = old_k
-            self.v[:, :old_v.size(1), :old_v.size(2)] = old_v
-        self.rows = rows
-        if row == len(self.starts):
-            self.starts.append(self.t - length)
-        else:
-            self.starts[row] = self.t - length
-        logits = self._prefill_tiles([(row, ids)]) if self.tile > 1 else self._prefill_row(ids, row)
-        self._arrange()
-        return logits
-
-    def select(self, rows: torch.Tensor) -> None:
-        self.starts = [self.starts[i] for i in rows.tolist()]
-        self.rows = self._rows(len(rows))
-        rows = _padded(rows, self.rows)
-        self.k, self.v = self.k[:, rows], self.v[:, rows]
-        self._arrange()
+    def _set_caches(self, caches: list[torch.Tensor]) -> None:
+        self.k, self.v = caches
 
     can_speculate = False
-
-    def _rows(self, batch: int) -> int:
-        if self.tile > 1:
-            return -(-batch // self.tile) * self.tile
-        return max(batch, self.min_rows)
 
     def _allocate(self, rows: int, columns: int) -> None:
         """The key and value caches, (L, R, T, KV * D) each, and rotary tables for T positions."""
@@ -176,7 +136,7 @@ class LlamaForward:
         batch, rows, t = tokens.size(0), self.rows, self.t
         positions = t - self.start_columns  # (B,): each row's position, and the cache column its token goes in
         if rows > batch:  # spare rows (a lone row doubled, a batch padded to whole tiles) repeat the last row
-            tokens, positions = _padded(tokens, rows), _padded(positions, rows)
+            tokens, positions = padded(tokens, rows), padded(positions, rows)
         x = F.embedding(tokens, self.embed)  # (R, C)
         cos, sin = self.cos[positions][:, None], self.sin[positions][:, None]  # (R, 1, D)
         flat = self.row_base[:rows] + positions  # where each row's key and value go in the caches seen as (R * T, N)
@@ -199,7 +159,7 @@ class LlamaForward:
             attended = parts[0] if len(parts) == 1 else torch.cat(parts)
             attended = attended.reshape(-1, self.q_out)  # (B, H * D)
             if rows > batch:
-                attended = _padded(attended, rows)  # (R, H * D)
+                attended = padded(attended, rows)  # (R, H * D)
             x = _linear(x, attended, o_w, rows_max, tile, None)  # the residual added by the product (addmm)
             gate_up = _linear(None, torch.rms_norm(x, [self.width], ln2, self.eps), gate_up_w, rows_max, tile, None)
             gate, up = gate_up.split([self.inner, self.inner], 1)  # strided views: ATen's 2-D elementwise loop
@@ -207,36 +167,12 @@ class LlamaForward:
         self.t += 1
         return self._logits(x)[:batch]
 
-    def _prefill_row(self, ids: torch.Tensor, row: int) -> torch.Tensor:
-        """Run one prompt (P,) through the blocks, filling its cache's first P columns; logits (1, V)."""
-        (length,) = ids.shape
-        x = F.embedding(ids, self.embed)  # (P, C)
-        cos, sin = self.cos[:length, None], self.sin[:length, None]  # (P, 1, D)
-        for layer, (ln1, qkv_w, o_w, ln2, gate_up_w, down_w) in enumerate(self.layers):
-            qkv = torch.rms_norm(x, [self.width], ln1, self.eps) @ qkv_w
-            q, k, v = qkv.split([self.q_out, self.kv_out, self.kv_out], 1)
-            q = _rotate(q.view(length, self.n_head, self.head_dim), cos, sin)  # (P, H, D)
-            k = _rotate(k.view(length, self.n_kv, self.head_dim), cos, sin)  # (P, KV, D)
-            self.k[layer, row, :length] = k.view(length, self.kv_out)
-            self.v[layer, row, :length] = v
-            keys = self.k[layer, row, :length].view(length, self.n_kv, self.head_dim).transpose(0, 1)[None]
-            values = self.v[layer, row, :length].view(length, self.n_kv, self.head_dim).transpose(0, 1)[None]
-            attended = F.scaled_dot_product_attention(q.transpose(0, 1)[None], keys, values, is_causal=length > 1,
-                                                      scale=self.scale, enable_gqa=self.n_kv != self.n_head)
-            x = torch.addmm(x, attended[0].transpose(0, 1).reshape(length, self.q_out), o_w)
-            gate, up = (torch.rms_norm(x, [self.width], ln2, self.eps) @ gate_up_w).split([self.inner] * 2, 1)
-            x = torch.addmm(x, F.silu(gate) * up, down_w)
-        return self._logits(x[-1:])[:1]
-
-    def _prefill_tiles(self, prompts: list[tuple[int, torch.Tensor]]) -> torch.Tensor:
-        """Prefill several prompts, (row, ids (P,)) each, in one pass where rows go through the products in whole
-        tiles: each prompt's rows start a tile and are padded to whole tiles, so each row gets the bits it gets
-        prefilled alone (see GPT2Forward._prefill_tiles). Logits (n, V), in the order given."""
-        tile, max_rows, width = self.tile, self.max_rows, self.width
-        offsets, total = [], 0
-        for _, ids in prompts:
-            offsets.append(total)
-            total += -(-ids.size(0) // tile) * tile
+    def _pass(self, prompts: list[tuple[int, torch.Tensor]], max_rows: int) -> torch.Tensor:
+        """Prompts, (row, ids (P,)) each, through the blocks in one pass, filling their rows' first P cache columns
+        (see `RowBatch._prefill`): products in pieces of at most `max_rows` rows (0: all at once), each prompt's
+        rows starting a tile and padded to whole tiles, attention per prompt. Logits (n, V)."""
+        tile, width = self.tile, self.width
+        offsets, total = tiled_offsets(prompts, tile)
         x = self.embed.new_zeros((total, width))  # (M, C)
         for (_, ids), at in zip(prompts, offsets):
             x[at:at + ids.size(0)] = F.embedding(ids, self.embed)
@@ -261,7 +197,7 @@ class LlamaForward:
             gate, up = gate_up.split([self.inner, self.inner], 1)
             x = _linear(x, F.silu(gate) * up, down_w, max_rows, tile, None)
         last = torch.stack([x[at + ids.size(0) - 1] for (_, ids), at in zip(prompts, offsets)])  # (n, C)
-        return self._logits(_padded(last, -(-last.size(0) // tile) * tile))[:len(prompts)]
+        return self._logits(padded(last, -(-last.size(0) // tile) * tile))[:len(prompts)]
 
     def _logits(self, x: torch.Tensor) -> torch.Tensor:
         """Float logits (R, V) of the final hidden states (R, C); the output product in measured column pieces."""
