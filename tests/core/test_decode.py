@@ -553,12 +553,15 @@ def test_a_guessed_token_gets_the_bits_of_its_own_step(tiny):
         assert torch.equal(guessing.step(then), plain.step(then))
 
 
-def test_speculation_gives_exactly_the_plain_greedy_output(tiny):
+@pytest.mark.parametrize("hint", [None, 8], ids=["rows", "tiles"])
+def test_speculation_gives_exactly_the_plain_greedy_output(tiny, hint):
+    """Also where a lone row goes through the products padded to a whole tile: the guess takes the second row, the
+    spare rows write their own cache rows."""
     model, tokenizer = tiny
     prompts = ids_of(tokenizer, ["ab ab ab ab ab ab", "The cat", "1, 2, 3, 1, 2, 3, 1, 2,"])
     params = SamplingParams(max_new_tokens=30, temperature=0.0, stop=("zzz",))
-    guessing = Decoder(model, tokenizer, ignore_eos=True)
-    plain = Decoder(model, tokenizer, ignore_eos=True, speculate=False)
+    guessing = Decoder(model, tokenizer, ignore_eos=True, batch_size=hint)
+    plain = Decoder(model, tokenizer, ignore_eos=True, speculate=False, batch_size=hint)
     fast = decode(guessing, prompts, params, batch_size=1)
     slow = decode(plain, prompts, params, batch_size=1)
     assert [(r.token_ids, r.text, r.finish_reason) for r in fast] == [
