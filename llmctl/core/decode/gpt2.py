@@ -4,18 +4,14 @@ prefill arranged like a step, and the step itself in TorchScript (`_decode_step`
 from __future__ import annotations
 
 import functools
-import logging
 import math
 
 import torch
 import torch.nn.functional as F
 
-from llmctl.core.decode.layout import TILE, _aligned, _attention_keeps_row_bits, _augmented, plan_rows
-from llmctl.core.decode.rows import RowBatch, padded, tiled_offsets
+from llmctl.core.decode.layout import TILE, _aligned, _attention_keeps_row_bits, _augmented, piece_widths, plan_rows
+from llmctl.core.decode.rows import RowBatch, padded, round_up, tiled_offsets
 from llmctl.core.decode.script import _scripted
-
-log = logging.getLogger(__name__)
-
 
 # ---------------------------------------------------------------------------------------------------------------
 # Forwards: prefill a left-padded batch, then one token per row per step
@@ -137,9 +133,7 @@ class GPT2Forward(RowBatch):
         with torch.jit.optimized_execution(False):  # run the ops as written: no fusion, no specialisation
             row_base = self.row_base
             if guess is not None and self.rows > 2:  # the guess and spare rows written through the scratch buffer
-                column, columns = self.t - self.starts[0], self.kv.size(2)
-                row_base = torch.tensor([column, column + 1] + [r * columns + column for r in range(2, self.rows)],
-                                        device=self.kv.device)
+                row_base = self.guess_base + (self.t - self.starts[0])
             logits = self.decode_step(tokens, self.start_columns, row_base, weights, layers, views, scratch,
                                       self.t, groups, self.rows, self.eps, self.scale, self.activation, self.max_rows,
                                       self.tile, self.head_chunk, -1 if guess is None else guess)
@@ -176,11 +170,9 @@ class GPT2Forward(RowBatch):
         # product goes in column pieces (see `_decode_step`), which are what gets measured: a vocabulary-wide
         # measurement would take most of a second for GPT-2's 50k tokens.
         (width, vocab), chunk = head.shape, self.head_chunk
-        widths = [min(vocab, chunk)] + ([vocab % chunk] if vocab > chunk and vocab % chunk else [])
+        widths = piece_widths(vocab, chunk)
         plan = plan_rows([*shapes, (width, widths)], head.dtype, tiled)
         if not plan.invariant:
-            log.warning("this machine's BLAS rounds a row differently depending on the rows around it: output may "
-                        "depend on how prompts are batched (generate.batch_invariant: false silences this)")
             self.invariant = False
             self.head_chunk = vocab
             return {}, self.lm_head.t()
@@ -202,6 +194,9 @@ class GPT2Forward(RowBatch):
         rows, columns = self.kv.size(1), self.kv.size(2)
         self.row_base = (torch.arange(rows, device=self.kv.device) * columns if len(set(self.starts)) > 1
                          else self.kv.new_empty(0, dtype=torch.long))
+        # A lone row's guess step with spare rows beyond the guess's (whole tiles): the token and the guess go in
+        # the row's own cache at its column and the next, each spare row in its own row.
+        self.guess_base = torch.tensor([0, 1] + [r * columns for r in range(2, rows)], device=self.kv.device)
         self.lists = None  # the step's list arguments, packed at the next step (see `_pack`)
         # Per layer and group, the queries, keys and values of the group's rows as (b, H, T, D) views of the cache:
         # a step narrows them to its columns (one op each, not five).
@@ -262,7 +257,7 @@ class GPT2Forward(RowBatch):
             _activate(h, self.activation)
             _linear(x, hidden, out_w, max_rows, tile, x)
         last = torch.stack([x[at + ids.size(0) - 1] for (_, ids), at in zip(prompts, offsets)])  # (n, C)
-        last = torch.layer_norm(padded(last, -(-last.size(0) // tile) * tile), (width,), *self.ln_f, eps)
+        last = torch.layer_norm(padded(last, round_up(last.size(0), tile)), (width,), *self.ln_f, eps)
         head = self.weights[4]  # (C, V), as the step multiplies by it, in the same column pieces
         logits = torch.cat([_linear(None, last, head[:, j:j + self.head_chunk], max_rows, tile, None)
                             for j in range(0, head.size(1), self.head_chunk)], 1)

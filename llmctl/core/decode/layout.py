@@ -78,11 +78,7 @@ def _stable_rows(k: int, n: int, dtype: torch.dtype, transposed: bool, threads: 
     (1 < rows <= m) the bits it gets in a product of two rows. Each row count is tried from the first row, and the
     smallest ones and the largest also from the second (a piece can start anywhere; trying every count from both
     would double the time before a first token for no case seen)."""
-    noise = _noise(k * n + n + (limit + 1) * k, dtype)  # (one draw: random numbers cost more than the products)
-    w = noise[:k * n].view((n, k) if transposed else (k, n))
-    w = w.t() if transposed else w
-    bias = noise[k * n:k * n + n]
-    x = noise[k * n + n:].view(limit + 1, k)
+    w, bias, x = _operands(k, n, limit + 1, dtype, transposed)
     pairs = torch.cat([torch.addmm(bias, x[i:i + 2], w) for i in range(0, limit, 2)])  # (limit, N)
     pairs = torch.cat([pairs, torch.addmm(bias, x[limit - 1:], w)[1:]])  # the last row, paired too
     for m in range(2, limit + 1):
@@ -90,6 +86,15 @@ def _stable_rows(k: int, n: int, dtype: torch.dtype, transposed: bool, threads: 
             if not torch.equal(torch.addmm(bias, x[start:start + m], w), pairs[start:start + m]):
                 return m - 1
     return limit
+
+
+def _operands(k: int, n: int, rows: int, dtype: torch.dtype, transposed: bool
+              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """A probe's product: w (K, N) in the given memory layout, bias (N,) and x (rows, K), views of one draw of
+    noise (random numbers cost more than the products)."""
+    noise = _noise(k * n + n + rows * k, dtype)
+    w = noise[:k * n].view((n, k) if transposed else (k, n))
+    return (w.t() if transposed else w), noise[k * n:k * n + n], noise[k * n + n:].view(rows, k)
 
 
 def _noise(numel: int, dtype: torch.dtype) -> torch.Tensor:
@@ -130,10 +135,7 @@ def _single_row_keeps_bits(k: int, n: int, dtype: torch.dtype, transposed: bool,
     """Whether bias + x @ w, w (K, N) in the given memory layout, gives a row alone (a matrix-vector product) the
     bits it gets in a product of two rows. Where it does (MKL on an AMD EPYC: rows of products of up to 3 rows are
     summed alike), a lone row needs no second row, and its products cost half."""
-    noise = _noise(k * n + n + 4 * k, dtype)
-    w = noise[:k * n].view((n, k) if transposed else (k, n))
-    w = w.t() if transposed else w
-    bias, x = noise[k * n:k * n + n], noise[k * n + n:].view(4, k)
+    w, bias, x = _operands(k, n, 4, dtype, transposed)
     pairs = torch.cat([torch.addmm(bias, x[i:i + 2], w) for i in (0, 2)])
     return all(torch.equal(torch.addmm(bias, x[i:i + 1], w)[0], pairs[i]) for i in range(4))
 
@@ -149,16 +151,20 @@ def _tile_rows(k: int, n: int, dtype: torch.dtype, transposed: bool, threads: in
     EPYC (measured) sums the rows of a product of up to 3 rows one way and those of larger products in tiles of 4,
     the same for any multiple of 4: a batch padded to whole tiles keeps each row's bits, and goes through one
     product instead of pieces of 3 rows (about twice as fast at 8 rows)."""
-    noise = _noise(k * n + n + limit * k, dtype)
-    w = noise[:k * n].view((n, k) if transposed else (k, n))
-    w = w.t() if transposed else w
-    bias, x = noise[k * n:k * n + n], noise[k * n + n:].view(limit, k)
+    w, bias, x = _operands(k, n, limit, dtype, transposed)
     tiles = torch.cat([torch.addmm(bias, x[i:i + TILE], w) for i in range(0, limit, TILE)])  # (limit, N)
     for m in range(2 * TILE, limit + 1, TILE):
         for start in (0, TILE) if m + TILE <= limit else (0,):
             if not torch.equal(torch.addmm(bias, x[start:start + m], w), tiles[start:start + m]):
                 return m - TILE if m > 2 * TILE else 0
     return limit
+
+
+def piece_widths(vocab: int, chunk: int) -> list[int]:
+    """The widths of the pieces an output product of `vocab` columns goes in, `chunk` columns at most (the last
+    piece narrower): what the row probes measure, as a vocabulary-wide measurement would take most of a second for
+    GPT-2's 50k tokens."""
+    return [min(vocab, chunk)] + ([vocab % chunk] if vocab > chunk and vocab % chunk else [])
 
 
 @dataclass(frozen=True)
@@ -181,7 +187,7 @@ def plan_rows(shapes: Sequence[tuple[int, Sequence[int]]], dtype: torch.dtype, t
     product goes in]). Where products of up to 8 rows or more keep them (MKL on Intel Xeons), rows go as they are,
     a lone row doubled unless a matrix-vector product keeps its bits too. Where only products of up to 3 rows do
     and whole tiles of 4 keep them too (MKL on AMD EPYC), `tiled` (batches of 4 or more) pads every batch to whole
-    tiles: one product for 8 rows instead of three. Not invariant where neither holds."""
+    tiles: one product for 8 rows instead of three. Not invariant, with a warning, where neither holds."""
     threads = torch.get_num_threads()
     layouts, limits = zip(*(_row_stable_layout(k, widths, dtype) for k, widths in shapes))
     if tiled and min(limits) < 8:
@@ -190,6 +196,8 @@ def plan_rows(shapes: Sequence[tuple[int, Sequence[int]]], dtype: torch.dtype, t
         if min(max(pair) for pair in tiles) >= 2 * TILE:
             return RowPlan(tuple(pair[1] >= pair[0] for pair in tiles), min(max(pair) for pair in tiles), TILE, TILE)
     if min(limits) < 3:
+        log.warning("this machine's BLAS rounds a row differently depending on the rows around it: output may "
+                    "depend on how prompts are batched (generate.batch_invariant: false silences this)")
         return RowPlan(tuple(layouts), 0, 1, 1, invariant=False)
     lone = all(_single_row_keeps_bits(k, n, dtype, t, threads) for (k, widths), t in zip(shapes, layouts)
                for n in widths)

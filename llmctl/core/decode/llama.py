@@ -5,16 +5,12 @@ batching gives every completion the bits of a batch of its own."""
 
 from __future__ import annotations
 
-import logging
-
 import torch
 import torch.nn.functional as F
 
 from llmctl.core.decode.gpt2 import _linear, _runs
-from llmctl.core.decode.layout import TILE, _attention_keeps_row_bits, plan_rows
-from llmctl.core.decode.rows import RowBatch, padded, tiled_offsets
-
-log = logging.getLogger(__name__)
+from llmctl.core.decode.layout import TILE, _attention_keeps_row_bits, piece_widths, plan_rows
+from llmctl.core.decode.rows import RowBatch, padded, round_up, tiled_offsets
 
 
 class LlamaForward(RowBatch):
@@ -69,7 +65,7 @@ class LlamaForward(RowBatch):
         self.max_rows, self.tile, self.min_rows, self.head_chunk = 0, 1, 1, head.shape[1]
         if self.invariant:
             vocab, chunk = head.shape[1], self.HEAD_CHUNK
-            widths = [min(vocab, chunk)] + ([vocab % chunk] if vocab > chunk and vocab % chunk else [])
+            widths = piece_widths(vocab, chunk)
             plan = plan_rows([(k, [n]) for k, n in shapes.values()] + [(self.width, widths)], self.embed.dtype,
                              (batch_size or 1) >= TILE)
             if plan.invariant:
@@ -79,8 +75,6 @@ class LlamaForward(RowBatch):
                 if not plan.transposed[-1]:
                     head = head.contiguous()
             else:
-                log.warning("this machine's BLAS rounds a row differently depending on the rows around it: output "
-                            "may depend on how prompts are batched (generate.batch_invariant: false silences this)")
                 self.invariant = False
         self.head = head
         self.layers = []
@@ -197,7 +191,7 @@ class LlamaForward(RowBatch):
             gate, up = gate_up.split([self.inner, self.inner], 1)
             x = _linear(x, F.silu(gate) * up, down_w, max_rows, tile, None)
         last = torch.stack([x[at + ids.size(0) - 1] for (_, ids), at in zip(prompts, offsets)])  # (n, C)
-        return self._logits(padded(last, -(-last.size(0) // tile) * tile))[:len(prompts)]
+        return self._logits(padded(last, round_up(last.size(0), tile)))[:len(prompts)]
 
     def _logits(self, x: torch.Tensor) -> torch.Tensor:
         """Float logits (R, V) of the final hidden states (R, C); the output product in measured column pieces."""

@@ -200,9 +200,10 @@ class Decoder:
 
     def _can_speculate(self) -> bool:
         """Whether a lone sequence may check a guessed next token in the spare row of its step (see `_Guesser`): on
-        the lean path, where the spare row's arithmetic is what its own step would be. Sampling too: each step
-        draws with its own pre-drawn random number, so a right guess is exactly the token the step would sample."""
-        return self.speculate and isinstance(self.forward, GPT2Forward) and self.forward.can_speculate
+        a forward that offers it (the lean GPT-2 path), where the spare row's arithmetic is what its own step would
+        be. Sampling too: each step draws with its own pre-drawn random number, so a right guess is exactly the token
+        the step would sample."""
+        return self.speculate and getattr(self.forward, "can_speculate", False)
 
 
 class _Row:

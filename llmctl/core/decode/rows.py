@@ -42,7 +42,7 @@ class RowBatch:
         old = self._caches()
         if rows > old[0].size(1) or need > old[0].size(2):
             # grown by whole blocks of columns, so that a run of longer prompts copies the cache a few times only
-            self._allocate(max(rows, old[0].size(1)), max(old[0].size(2), -(-need // 64) * 64))
+            self._allocate(max(rows, old[0].size(1)), max(old[0].size(2), round_up(need, 64)))
             for grown, cache in zip(self._caches(), old):
                 grown[:, :cache.size(1), :cache.size(2)] = cache
         self.rows = rows
@@ -66,7 +66,7 @@ class RowBatch:
         """Physical rows for a batch of `batch`."""
         if not self.invariant:
             return batch
-        return -(-batch // self.tile) * self.tile if self.tile > 1 else max(batch, self.min_rows)
+        return round_up(batch, self.tile) if self.tile > 1 else max(batch, self.min_rows)
 
     def _prefill(self, prompts: list[tuple[int, torch.Tensor]]) -> torch.Tensor:
         """Logits (n, V) of prompts (row, ids) prefilled into their rows. Where rows go in whole tiles, every prompt
@@ -90,5 +90,10 @@ def tiled_offsets(prompts: list[tuple[int, torch.Tensor]], tile: int) -> tuple[l
     offsets, total = [], 0
     for _, ids in prompts:
         offsets.append(total)
-        total += -(-ids.size(0) // tile) * tile
+        total += round_up(ids.size(0), tile)
     return offsets, total
+
+
+def round_up(n: int, multiple: int) -> int:
+    """The least multiple of `multiple` that is at least n."""
+    return -(-n // multiple) * multiple
