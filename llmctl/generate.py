@@ -92,8 +92,7 @@ def run(cfg: Config, *, quiet: bool = False) -> Iterator[str | dict]:
     start = time.perf_counter()
     source = _Source(_read_prompts(g, stats, quiet), lambda batch: _requests(batch, g, seed, tokenizer, decoder,
                                                                              stats, chat))
-    # static batches: a batch takes prompts once the last one has ended (as the generic path always does)
-    events = decoder.stream(source, g.batch_size) if g.continuous else _static(decoder, source, g.batch_size)
+    events = decoder.stream(source, g.batch_size, continuous=g.continuous)
     if g.output_format == "jsonl":
         yield from _records(events, source.meta, stats)
     else:
@@ -284,9 +283,6 @@ class _Prefetch:
     def get(self, timeout: float | None = None):
         return self.queue.get(timeout=timeout)
 
-    def get_nowait(self):
-        return self.queue.get_nowait()
-
 
 class _Source:
     """The decoder's requests (`RequestSource`), made from prompts as they arrive: up to n at a time, those read
@@ -326,9 +322,9 @@ class _Source:
         if not isinstance(self.prompts, _Prefetch):
             item = next(self.prompts, _END)
         else:
-            try:
+            try:  # block: until a prompt comes; else until the deadline, or (none) not at all
                 timeout = None if block else max(0.0, deadline - time.monotonic()) if deadline else 0.0
-                item = self.prompts.get(timeout=timeout) if timeout != 0.0 else self.prompts.get_nowait()
+                item = self.prompts.get(timeout=timeout)
             except queue.Empty:
                 return None
         if item is _END or isinstance(item, _Failure):
@@ -337,15 +333,6 @@ class _Source:
             return None
         return item
 
-
-def _static(decoder, source: _Source, size: int):
-    """Static batches: up to `size` requests decoded together until the last ends, then the next batch."""
-    taken = 0
-    while not source.ended:
-        batch = source.take(size, wait=True)
-        for event in decoder.generate(batch):
-            yield replace(event, index=taken + event.index)
-        taken += len(batch)
 
 
 # ---------------------------------------------------------------------------------------------------------------

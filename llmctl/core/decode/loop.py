@@ -68,14 +68,16 @@ class Decoder:
         ends (events carry the request's index in `requests`)."""
         return self.stream(RequestList(requests), max(len(requests), 1))
 
-    def stream(self, source: RequestSource, batch_size: int) -> Iterator[TextDelta | Finished]:
+    def stream(self, source: RequestSource, batch_size: int, continuous: bool = True
+               ) -> Iterator[TextDelta | Finished]:
         """Decode the requests `source` hands out, `batch_size` at a time with continuous batching: when a sequence
         ends, the next waiting request is prefilled into its row at once and decodes with the others, instead of
         waiting for the whole batch to end. Events carry each request's number in the order taken from `source`.
         A row's arithmetic does not depend on its batch (see GPT2Forward), so every completion is what a batch of
-        its own gives: the same bytes as static batches. A forward that cannot admit rows into a running batch (the
-        generic path) decodes static batches: a batch takes new requests once all its rows have ended."""
-        can_admit = hasattr(self.forward, "admit")
+        its own gives: the same bytes as static batches. Not `continuous`, or with a forward that cannot admit rows
+        into a running batch (the generic path): static batches, each taking new requests once all its rows have
+        ended."""
+        can_admit = continuous and hasattr(self.forward, "admit")
         rows: list[_Row] = []  # one per physical row of the forward, each still decoding
         ended: list[int] = []  # rows whose sequence ended at the last step
         taken = 0  # requests taken from the source
