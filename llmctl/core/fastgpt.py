@@ -167,19 +167,16 @@ class CausalLMObjective(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, targets: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
         if self.chunked:
-            if self.lean:
-                hidden = lean_gpt2_hidden(self.model, input_ids, checkpoint=self.checkpoint)  # (B, T, C)
-            else:
-                hidden = self._inner[0].base_model(input_ids=input_ids, use_cache=False)[0]
+            hidden = _hidden(self, self._inner[0], input_ids, None)  # (B, T, C)
             flat = targets.flatten()
             loss = head_cross_entropy(hidden.flatten(0, 1), plain_head(self.model), flat)
             if reduction == "mean":
                 return loss / (flat != -100).sum().clamp(min=1)
-        elif self.lean:
-            logits = lean_gpt2_logits(self.model, input_ids, self.checkpoint)
         else:
-            logits = self.model(input_ids=input_ids, use_cache=False).logits
-        if not self.chunked:
+            if self.lean:
+                logits = lean_gpt2_logits(self.model, input_ids, self.checkpoint)
+            else:
+                logits = self.model(input_ids=input_ids, use_cache=False).logits
             loss = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), reduction=reduction)
         if reduction == "sum":
             count = torch.tensor(float(targets.numel()), device=loss.device)
@@ -236,30 +233,30 @@ class SFTObjective(nn.Module):
                 reduction: str = "mean") -> torch.Tensor:
         picked = targets != -100  # (B, T)
         wanted = targets[picked]  # (N,)
-        if self.chunked:
-            if self.lean:
-                hidden = lean_gpt2_hidden(self.model, input_ids, position_ids, self.checkpoint)  # (B, T, C)
+        inner = self._inner[0]
+        if self.lean or self._split:  # the head on the answer positions alone
+            hidden = _hidden(self, inner, input_ids, position_ids)[picked]  # (N, C)
+            if self.chunked:
+                loss = head_cross_entropy(hidden, plain_head(self.model), wanted)
             else:
-                inner = self._inner[0]
-                with packing.attention_for(inner, packed=position_ids is not None):
-                    hidden = inner.base_model(input_ids=input_ids, position_ids=position_ids, use_cache=False)[0]
-            loss = head_cross_entropy(hidden[picked], plain_head(self.model), wanted)
-        elif self.lean:
-            hidden = lean_gpt2_hidden(self.model, input_ids, position_ids, self.checkpoint)  # (B, T, C)
-            logits = self.model.lm_head(hidden[picked])  # (N, V)
+                loss = F.cross_entropy(inner.get_output_embeddings()(hidden).float(), wanted, reduction="sum")
         else:
-            inner = self._inner[0]
             with packing.attention_for(inner, packed=position_ids is not None):
-                if self._split:
-                    hidden = inner.base_model(input_ids=input_ids, position_ids=position_ids, use_cache=False)[0]
-                    logits = inner.get_output_embeddings()(hidden[picked])  # (N, V)
-                else:
-                    logits = self.model(input_ids=input_ids, position_ids=position_ids, use_cache=False).logits
-                    logits = logits[picked]
-        if not self.chunked:
-            loss = F.cross_entropy(logits.float(), wanted, reduction="sum")
+                logits = self.model(input_ids=input_ids, position_ids=position_ids, use_cache=False).logits
+            loss = F.cross_entropy(logits[picked].float(), wanted, reduction="sum")
         count = wanted.numel()
         if reduction == "sum":
             n = torch.tensor(float(count), device=loss.device)
             return torch.stack([loss.detach(), n, torch.zeros_like(n)])
         return loss / max(count, 1)
+
+
+def _hidden(objective: nn.Module, inner: nn.Module, input_ids: torch.Tensor, position_ids: torch.Tensor | None
+            ) -> torch.Tensor:
+    """The final hidden states (B, T, C) of an objective's model: the lean GPT-2 pass (with the objective's
+    activation checkpointing), else the backbone of `inner` (the transformers model, adapters in place), with packed
+    attention where `position_ids` are given."""
+    if objective.lean:
+        return lean_gpt2_hidden(objective.model, input_ids, position_ids, objective.checkpoint)
+    with packing.attention_for(inner, packed=position_ids is not None):
+        return inner.base_model(input_ids=input_ids, position_ids=position_ids, use_cache=False)[0]
